@@ -1,0 +1,34 @@
+"""kvcompact: keep long-running LLM agents inside accelerator memory.
+
+Kernels live in :mod:`kvcompact.ops` (backed by ``torch.ops.kvcompact``), their
+plain-torch specification in :mod:`kvcompact.reference`.
+"""
+
+import json as _json
+
+import torch as _torch
+
+from kvcompact import _C  # noqa: F401  (registers torch.ops.kvcompact.*)
+from kvcompact import ops  # noqa: F401  (registers fake kernels)
+
+__version__ = "0.1.0"
+
+FORMATS = ("fp8_e4m3", "fp8_e5m2", "int8")
+
+
+def build_info() -> dict:
+    """What this build of the extension contains.
+
+    Returns
+    -------
+    dict
+        ``torch_version`` (the torch it was compiled against), ``cuda_kernels``
+        (bool), ``cuda_archs`` (e.g. ``"8.0;8.9;9.0"``, empty without CUDA) and
+        ``runtime_torch_version`` (the torch importing it now).
+    """
+    info = _json.loads(_torch.ops.kvcompact._build_info())
+    info["runtime_torch_version"] = _torch.__version__
+    return info
+
+
+__all__ = ["FORMATS", "build_info", "ops"]
