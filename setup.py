@@ -76,7 +76,10 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # NOTE: no --use_fast_math anywhere: the quantization contract needs IEEE
     # division and rounding so CPU and CUDA agree bit for bit.
-    extra = {"cxx": opt + ["-fno-fast-math"]}
+    # -fno-trapping-math only promises that no FP trap handler is installed, so
+    # the vectorizer may evaluate both sides of a select (the branch-free fp8
+    # encode); it changes no value.
+    extra = {"cxx": opt + ["-fno-fast-math", "-fno-trapping-math"]}
 
     if build_cuda:
         archs = cuda_arch_list()

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "kvcompact/quant_math.h"
 #include "kvcompact/quantize_alloc.h"
 #include "kvcompact/quantize_args.h"
@@ -46,19 +48,15 @@ void quantize_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
         code_t* cg = cr + g * G * sc;
         float scale;
         if (sx == 1 && sc == 1) {
-          // Split reductions (max of |x| and a NaN/Inf detector) keep the loop
-          // free of branches so it vectorizes; x * 0 is NaN exactly for NaN/Inf.
-          float absmax = 0.0f, poison = 0.0f;
+          // Contiguous group: an integer max over abs_bits (absmax and the
+          // NaN/Inf test in one branch-free reduction), then a branch-free
+          // encode loop; both vectorize.
+          uint32_t max_bits = 0;
           for (int64_t i = 0; i < G; ++i) {
-            const float v = static_cast<float>(xg[i]);
-            const float a = v < 0.0f ? -v : v;
-            absmax = a > absmax ? a : absmax;
-            poison += v * 0.0f;
+            const uint32_t b = abs_bits(static_cast<float>(xg[i]));
+            max_bits = b > max_bits ? b : max_bits;
           }
-          GroupStats st;
-          st.absmax = absmax;
-          st.nonfinite = !(poison == 0.0f);
-          scale = group_scale(st, qmax);
+          scale = group_scale(GroupStats::from_max_abs_bits(max_bits), qmax);
           for (int64_t i = 0; i < G; ++i) {
             cg[i] = encode<F>(static_cast<float>(xg[i]), scale);
           }
@@ -76,6 +74,21 @@ void quantize_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   });
 }
 
+// decode<F> of every code, tabulated once: a table load replaces c10's
+// branchy fp8 -> fp32 conversion in the dequantize loop. Built from decode<F>
+// itself, so the values are the contract's by construction.
+template <QuantFormat F>
+const float* decode_table() {
+  static const auto table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) {
+      t[c] = decode<F>(static_cast<typename FormatTraits<F>::code_t>(static_cast<uint8_t>(c)));
+    }
+    return t;
+  }();
+  return table.data();
+}
+
 template <QuantFormat F, typename scalar_t>
 void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& out,
                      const QuantizeShape& shape) {
@@ -89,6 +102,7 @@ void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, const at
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const int64_t sc = codes.stride(-1), ss = scales.stride(-1), so = out.stride(-1);
   const int64_t G = shape.group_size;
+  const float* table = decode_table<F>();
 
   at::parallel_for(0, shape.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     int64_t off[3];
@@ -103,11 +117,11 @@ void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, const at
         scalar_t* yg = yr + g * G * so;
         if (sc == 1 && so == 1) {
           for (int64_t i = 0; i < G; ++i) {
-            yg[i] = static_cast<scalar_t>(dequantize_value<F>(cg[i], scale));
+            yg[i] = static_cast<scalar_t>(table[static_cast<uint8_t>(cg[i])] * scale);
           }
         } else {
           for (int64_t i = 0; i < G; ++i) {
-            yg[i * so] = static_cast<scalar_t>(dequantize_value<F>(cg[i * sc], scale));
+            yg[i * so] = static_cast<scalar_t>(table[static_cast<uint8_t>(cg[i * sc])] * scale);
           }
         }
       }
