@@ -203,13 +203,29 @@ def _dequantize_fake(codes, scales, dtype):
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
+def _check_fake_devices(op, **tensors):
+    # A Meta (or fake) tensor mixed with real ones routes the call here; keep
+    # the device contract of the real kernels instead of silently doing nothing.
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: tensors must be on the same device; got {devices}")
+
+
+@torch.library.register_fake("kvcompact::quantize_into_")
+def _quantize_into_fake(x, codes, scales, fmt):
+    _check_fake_devices("quantize_into_", x=x, codes=codes, scales=scales)
+
+
+@torch.library.register_fake("kvcompact::dequantize_into_")
+def _dequantize_into_fake(codes, scales, out):
+    _check_fake_devices("dequantize_into_", codes=codes, scales=scales, out=out)
+
+
 def _no_output_fake(*args, **kwargs):
     return None
 
 
 for _name in (
-    "quantize_into_",
-    "dequantize_into_",
     "compact_",
     "move_",
     "rope_shift_",
