@@ -28,7 +28,7 @@ setup: $(VENV)/.deps-ok
 
 build: setup
 	$(PIP) install -q --no-build-isolation --no-deps .
-	$(PY) -c "import kvcompact, json; print('kvcompact build:', json.dumps(kvcompact.build_info()))"
+	$(PY) -P -c "import kvcompact, json; print('kvcompact build:', json.dumps(kvcompact.build_info()))"
 
 demo: build
 	$(VENV)/bin/kvcompact demo

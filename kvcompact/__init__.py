@@ -8,7 +8,16 @@ import json as _json
 
 import torch as _torch
 
-from kvcompact import _C  # noqa: F401  (registers torch.ops.kvcompact.*)
+try:
+    from kvcompact import _C  # noqa: F401  (registers torch.ops.kvcompact.*)
+except ImportError as _err:  # pragma: no cover - depends on how it was installed
+    raise ImportError(
+        f"kvcompact's compiled extension (kvcompact._C) is missing next to {__file__}. "
+        "Build it with `pip install --no-build-isolation .` (or `python setup.py build_ext "
+        "--inplace` for a source checkout). If you are running Python from the repository "
+        "root, the source folder shadows the installed package: run from elsewhere or "
+        "with `python -P`."
+    ) from _err
 from kvcompact import ops  # noqa: F401  (registers fake kernels)
 
 __version__ = "0.1.0"
