@@ -262,6 +262,54 @@ def test_quantize_special_values(fmt, dtype, path):
     assert (_bytes(codes).view(x.shape[0], -1, 16)[nonfinite] == 0).all()
 
 
+def _rounding_boundaries(fmt):
+    """fp32 values on and next to every rounding boundary of fmt's code grid.
+
+    fp8: every sign, binade up to QMAX and mantissa prefix of the format's width,
+    with low-bit tails at, just below and just above the midpoint (ties to even,
+    fp8 subnormals and the underflow to +-0 included). int8: k + 0.5 and its
+    float neighbours."""
+    qmax = QMAX[fmt]
+    if fmt == "int8":
+        k = torch.arange(-128, 128, dtype=torch.float32) + 0.5
+        v = torch.cat([k, torch.nextafter(k, k + 1), torch.nextafter(k, k - 1), k - 0.5])
+    else:
+        p = 3 if fmt == "fp8_e4m3" else 2
+        t = 23 - p
+        half = 1 << (t - 1)
+        tails = [0, 1, 2, half - 2, half - 1, half, half + 1, half + 2, (1 << t) - 2, (1 << t) - 1]
+        tails += random.Random(0).sample(range(1 << t), 6)
+        top = 127 + int(qmax).bit_length()
+        e = torch.arange(0, top, dtype=torch.int64)
+        m = torch.arange(1 << p, dtype=torch.int64)
+        tl = torch.tensor(tails, dtype=torch.int64)
+        bits = (e[:, None, None] << 23) | (m[None, :, None] << t) | tl[None, None, :]
+        bits = bits.flatten()
+        bits = torch.cat([bits, bits | (1 << 31)])
+        v = (bits - (bits >> 31 << 32)).to(torch.int32).view(torch.float32)
+    v = v[v.abs() <= qmax]
+    n = (len(v) + 14) // 15 * 15
+    v = torch.cat([v, torch.zeros(n - len(v))]).view(-1, 15)
+    # every group of 16 holds QMAX, so its scale is exactly 1 and codes = cast(x)
+    return torch.cat([torch.full((v.shape[0], 1), qmax), v], dim=1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", ["vector", "scalar"])
+def test_quantize_every_rounding_boundary(fmt, path):
+    x = _rounding_boundaries(fmt).to(_device())
+    if path == "scalar":
+        flat = torch.empty(1 + x.numel(), device=x.device)
+        flat[1:] = x.flatten()
+        x = flat[1:].view(x.shape)
+    codes, scales = check_quantize(x, fmt, 16)
+    assert (scales == 1.0).all()
+    # and torch's own cast, which the contract names for fp8
+    xc = x.cpu()
+    want = torch.round(xc).to(torch.int8) if fmt == "int8" else xc.to(CODE_DTYPE[fmt])
+    assert_codes_equal(codes, want)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_quantize_random_layouts(seed):
     """Random shapes, group sizes, dtypes, formats and views against the CPU."""
@@ -364,7 +412,7 @@ def test_empty_inputs():
     for shape in [(0, 64), (2, 0, 64), (1, 8, 0, 128)]:
         x = torch.randn(shape, device=dev)
         codes, scales = ops.quantize(x, "int8", 32)
-        assert codes.shape == x.shape and scales.shape == (*shape[:-1], 2)
+        assert codes.shape == x.shape and scales.shape == (*shape[:-1], shape[-1] // 32)
         y = ops.dequantize(codes, scales, torch.bfloat16)
         assert y.shape == x.shape and y.device == dev
 

@@ -25,9 +25,15 @@
 //    pointers and leading strides (checked on the host). Anything else (views
 //    offset by one element, strided last dims, odd group sizes) takes a scalar
 //    kernel with the same sub-warp reduction that reads x twice.
-// The scalar math is quant_math.h's (GroupStats, group_scale, encode<F>,
-// dequantize_value<F>), the same code the CPU kernel runs, so the two backends
-// agree bit for bit; this file adds only indexing, vector moves and reductions.
+//  * Arithmetic budget: at ~3 TB/s a bf16 -> fp8 pass moves ~1e12 elements/s,
+//    which leaves ~30 issued instructions per element on 132 SMs. The IEEE
+//    division (~10) fits; c10's software fp8 conversion (~17 plus branches) does
+//    not, so the fast path converts with the sm_89+ hardware instructions
+//    (quant_math_cuda.cuh, equal to encode<F> for every input this kernel feeds
+//    it), and a NaN/Inf group's zero codes are one uniform branch per chunk.
+// The math is quant_math.h's (GroupStats, group_scale, encode<F>,
+// dequantize_value<F>), the code the CPU kernel runs, so the two backends agree
+// bit for bit; this file adds only indexing, vector moves and reductions.
 // Kernels run on the current stream of the tensors' device.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -41,6 +47,7 @@
 #include <limits>
 
 #include "kvcompact/quant_math.h"
+#include "kvcompact/quant_math_cuda.cuh"
 #include "kvcompact/quantize_alloc.h"
 #include "kvcompact/quantize_args.h"
 #include "kvcompact/row_indexer.h"
@@ -55,6 +62,14 @@ constexpr int kChunk = 16;            // elements per lane per vector step (16 c
 constexpr int kMaxChunksPerLane = 4;  // register-resident path up to G = 32 * 4 * 16
 constexpr int kBlocksPerSmCap = 32;   // 8 resident blocks of 256 threads x 4 waves
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// The activation dtypes the ops accept (check_activation_dtype), and no others:
+// AT_DISPATCH_FLOATING_TYPES would also instantiate every kernel for double.
+#define KVCOMPACT_DISPATCH_ACTIVATION(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                        \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 int multiprocessor_count(c10::DeviceIndex device) {
   static std::array<std::atomic<int>, 64> cache{};
@@ -177,8 +192,7 @@ __global__ void __launch_bounds__(kThreads)
       const int c = k * lanes + lane_in_group;
       if (c < a.chunks) {
         code_t out[kChunk];
-#pragma unroll
-        for (int j = 0; j < kChunk; ++j) out[j] = encode<F>(v[k][j], scale);
+        encode_n<F>(v[k], scale, out);
         store_vec(a.codes + off[1] + int64_t{c} * kChunk, out);
       }
     }
@@ -308,8 +322,7 @@ __global__ void __launch_bounds__(kThreads)
     code_t c[kChunk];
     load_vec(a.codes + off[0], c);
     scalar_t y[kChunk];
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) y[j] = static_cast<scalar_t>(dequantize_value<F>(c[j], scale));
+    dequantize_n<F>(c, scale, y);
     store_vec(a.out + off[2], y);
   }
 }
@@ -375,7 +388,7 @@ void quantize_into_cuda(const at::Tensor& x, const at::Tensor& codes, const at::
   const QuantizeShape shape = check_quantize_into("quantize_into_", x, codes, scales, fmt);
   if (shape.rows == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_into_", [&] {
+  KVCOMPACT_DISPATCH_ACTIVATION(x.scalar_type(), "quantize_into_", [&] {
     switch (shape.fmt) {
       case QuantFormat::kFp8E4M3:
         launch_quantize<QuantFormat::kFp8E4M3, scalar_t>(x, codes, scales, shape);
@@ -395,7 +408,7 @@ void dequantize_into_cuda(const at::Tensor& codes, const at::Tensor& scales,
   const QuantizeShape shape = check_dequantize_into("dequantize_into_", codes, scales, out);
   if (shape.rows == 0) return;
   const c10::cuda::CUDAGuard guard(codes.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_into_", [&] {
+  KVCOMPACT_DISPATCH_ACTIVATION(out.scalar_type(), "dequantize_into_", [&] {
     switch (shape.fmt) {
       case QuantFormat::kFp8E4M3:
         launch_dequantize<QuantFormat::kFp8E4M3, scalar_t>(codes, scales, out, shape);
