@@ -59,7 +59,8 @@ class PinnedPool:
         self._impl = torch.classes.kvcompact.PinnedPool(int(capacity_bytes),
                                                         bool(allow_pageable_fallback))
         self._allow_fallback = bool(allow_pageable_fallback)
-        self._fallback = weakref.WeakSet()  # pageable tensors handed out on exhaustion
+        # Pageable tensors handed out on exhaustion, by id (tensors compare elementwise).
+        self._fallback: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._warned = False
 
     # -- allocation ---------------------------------------------------------
@@ -91,7 +92,7 @@ class PinnedPool:
                           ResourceWarning, stacklevel=2)
             self._warned = True
         t = torch.empty(shape, dtype=dtype)
-        self._fallback.add(t)
+        self._fallback[id(t)] = t
         return t
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
@@ -107,8 +108,8 @@ class PinnedPool:
             ``t`` was not handed out by this pool, was already released, or
             other tensors still view its range.
         """
-        if t in self._fallback:
-            self._fallback.discard(t)
+        if self._fallback.get(id(t)) is t:
+            del self._fallback[id(t)]
             t.set_()
             return
         self._impl.release(t)
