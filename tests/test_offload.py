@@ -418,3 +418,22 @@ def test_no_pinned_leak_over_1000_park_resume_cycles():
     assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
     s = parker.stats_dict()
     assert s["transfers_to_host"] == 1000 and s["inflight"] == 0
+
+
+@pytest.mark.parametrize("index", [
+    (slice(None), slice(None), slice(2, 5)),
+    (slice(None), slice(1, 2)),
+    (slice(3, 4),),
+    (slice(None), slice(None), slice(0, 16), slice(None)),
+    (slice(None), slice(None), slice(7, 7)),
+    (slice(None), slice(None), slice(0, 8, 2)),   # strided: falls back to copy_
+    (0, slice(None)),                              # an int: falls back to copy_
+])
+def test_copy_index_matches_indexing(index):
+    src = torch.randn(2, 3, 16, 4)
+    dst = torch.zeros(2, 3, 16, 4)
+    want = dst.clone()
+    want[index] = src[index]
+    moved = _streams.copy_index_(dst, src, index)
+    assert torch.equal(dst, want)
+    assert moved == src[index].numel() * 4

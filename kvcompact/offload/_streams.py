@@ -58,10 +58,63 @@ def copy_whole_(dst: torch.Tensor, src: torch.Tensor) -> int:
     return src.numel() * src.element_size()
 
 
+_IDENTITY: dict[int, torch.Tensor] = {}
+
+
+def _identity_mapping(rows: int) -> torch.Tensor:
+    m = _IDENTITY.get(rows)
+    if m is None:
+        m = _IDENTITY[rows] = torch.arange(rows, dtype=torch.int64).unsqueeze(1).expand(rows, 2).contiguous()
+    return m
+
+
+def as_blocks(t: torch.Tensor, index) -> torch.Tensor | None:
+    """``t[index]`` as a ``[rows, row_elems]`` view with contiguous rows, or None.
+
+    Works when ``t`` is contiguous and ``index`` slices a single dim with step 1
+    (e.g. the valid tokens ``[:, :, 0:n]`` of a ``[B, H, T, D]`` buffer: B*H rows
+    of n*D elements), so the copy is one batched copy_blocks_ call.
+    """
+    if not t.is_contiguous() or not isinstance(index, tuple) or len(index) > t.dim():
+        return None
+    cut = None
+    for d, ix in enumerate(index):
+        if not isinstance(ix, slice):
+            return None
+        if ix == slice(None):
+            continue
+        if cut is not None or ix.step not in (None, 1):
+            return None
+        cut = d
+    if cut is None:
+        return t.view(1, -1)
+    start, stop, _ = index[cut].indices(t.shape[cut])
+    stop = max(start, stop)
+    outer = 1
+    for s in t.shape[:cut]:
+        outer *= s
+    inner = 1
+    for s in t.shape[cut + 1:]:
+        inner *= s
+    rows = t.view(outer, t.shape[cut] * inner)
+    return rows[:, start * inner: stop * inner]
+
+
 def copy_index_(dst: torch.Tensor, src: torch.Tensor, index) -> int:
-    """Copy ``src[index]`` into ``dst[index]`` (a sub-range, e.g. valid tokens)."""
+    """Copy ``src[index]`` into ``dst[index]`` (a sub-range, e.g. valid tokens).
+
+    A one-dim slice of contiguous tensors is one batched copy_blocks_ (no
+    allocation); anything else falls back to ``copy_`` (which may stage
+    through a temporary).
+    """
     if index is None:
         return copy_whole_(dst, src)
+    s_rows, d_rows = as_blocks(src, index), as_blocks(dst, index)
+    if s_rows is not None and d_rows is not None and s_rows.shape == d_rows.shape:
+        if s_rows.numel() == 0:
+            return 0
+        torch.ops.kvcompact.copy_blocks_(s_rows, d_rows, _identity_mapping(s_rows.shape[0]))
+        return s_rows.numel() * s_rows.element_size()
     part = src[index]
     dst[index].copy_(part, non_blocking=True)
     return part.numel() * part.element_size()

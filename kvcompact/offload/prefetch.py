@@ -49,7 +49,9 @@ class LayerPrefetcher:
         ``extent(i) -> index or None``: the part of each tensor of layer ``i``
         worth moving (e.g. ``(slice(None), slice(None), slice(0, length))`` for
         ``[B, H, T, D]`` buffers holding ``length`` valid tokens). None moves
-        whole tensors with one batched copy each; an index uses ``copy_``.
+        whole tensors with one copy each; a slice of one dim of contiguous
+        tensors is one batched ``copy_blocks_`` per tensor (rows of the dims
+        before it); other indexes fall back to ``copy_``.
     timing : bool, default True
         Measure how long the compute stream stalls on each acquire.
 
@@ -99,6 +101,9 @@ class LayerPrefetcher:
         self._busy = [False, False]
         if self._async:
             self._side = torch.cuda.Stream(self.device)
+            # The slots may reuse memory that work already queued on the current
+            # stream still touches; the side stream writes them first.
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
             self._ready = [torch.cuda.Event(), torch.cuda.Event()]
             self._free = [torch.cuda.Event(), torch.cuda.Event()]
             self._free_recorded = [False, False]
