@@ -268,3 +268,11 @@ def test_pageable_host_memory_is_correct():
     ops.copy_blocks_(src, dst, torch.tensor([[i, 31 - i] for i in range(32)]))
     torch.cuda.synchronize()
     assert torch.equal(dst.cpu(), src.flip(0))
+
+
+@needs_cuda
+def test_opcheck_cuda_mixed_devices():
+    src = random_blocks(6, (4, 8), torch.float16, 17).pin_memory()
+    dst = random_blocks(5, (4, 8), torch.float16, 18).cuda()
+    torch.library.opcheck(torch.ops.kvcompact.copy_blocks_.default,
+                          (src, dst, torch.tensor([[0, 4], [5, 0]])))
