@@ -113,7 +113,8 @@ def bench_copies(device: torch.device, total_mib: int, block_kib: list[int], rep
             one_ms = time_ms(lambda: ops.copy_blocks_(src_one, dst_one, one_run), device, reps)
             ceiling = max(gbps(moved, ceiling_ms), gbps(moved, one_ms))
             g = torch.Generator().manual_seed(0)
-            scattered = torch.stack([torch.arange(nblocks), torch.randperm(nblocks, generator=g)], 1)
+            perm = torch.randperm(nblocks, generator=g)
+            scattered = torch.stack([torch.arange(nblocks), perm], 1)
             contiguous = torch.stack([torch.arange(nblocks), torch.arange(nblocks)], 1)
             per_block = None
             if nblocks <= per_block_limit:
@@ -351,7 +352,8 @@ def main(argv=None) -> int:
         total_mib, blocks, reps = (256, [4, 64, 1024], 10) if quick else \
             (512, [4, 16, 64, 256, 1024, 4096], 20)
     else:
-        total_mib, blocks, reps = (16, [4, 64, 1024], 5) if quick else (64, [4, 16, 64, 256, 1024], 9)
+        total_mib, blocks, reps = (16, [4, 64, 1024], 5) if quick else \
+            (64, [4, 16, 64, 256, 1024], 9)
     machine = (torch.cuda.get_device_name() if device.type == "cuda"
                else f"{os.cpu_count()}-core {platform.machine()} CPU")
     print(f"# bench_offload on {machine}, torch {torch.__version__}, "
@@ -379,7 +381,8 @@ def main(argv=None) -> int:
 
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump(dict(machine=machine, torch=torch.__version__, threads=torch.get_num_threads(), device=str(device), quick=quick,
+        json.dump(dict(machine=machine, torch=torch.__version__, threads=torch.get_num_threads(),
+                       device=str(device), quick=quick,
                        build=kvcompact.build_info(), copies=copy_rows, decode=decode_rows), f,
                   indent=1)
     print(f"\nJSON: {args.json}")

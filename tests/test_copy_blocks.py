@@ -1,6 +1,5 @@
 """copy_blocks_: bit-exact block copies in every direction, and clear errors."""
 
-import os
 
 import pytest
 import torch

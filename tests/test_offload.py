@@ -271,7 +271,8 @@ def test_prefetcher_serves_every_layer_and_writes_back(device, num_layers):
 
 def test_prefetcher_mixed_layer_shapes_and_extent():
     pool = PinnedPool(1 << 20)
-    host = [[pool.tensor((2, 8), torch.float16).fill_(1)], [pool.tensor((2, 4), torch.float16).fill_(2)],
+    host = [[pool.tensor((2, 8), torch.float16).fill_(1)],
+            [pool.tensor((2, 4), torch.float16).fill_(2)],
             [pool.tensor((2, 8), torch.float16).fill_(3)]]
     pf = LayerPrefetcher(host, "cpu", extent=lambda i: (slice(None), slice(0, 2)))
     (a,) = pf.acquire(0)

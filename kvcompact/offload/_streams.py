@@ -64,7 +64,8 @@ _IDENTITY: dict[int, torch.Tensor] = {}
 def _identity_mapping(rows: int) -> torch.Tensor:
     m = _IDENTITY.get(rows)
     if m is None:
-        m = _IDENTITY[rows] = torch.arange(rows, dtype=torch.int64).unsqueeze(1).expand(rows, 2).contiguous()
+        m = torch.arange(rows, dtype=torch.int64).unsqueeze(1).expand(rows, 2).contiguous()
+        _IDENTITY[rows] = m
     return m
 
 
