@@ -77,3 +77,12 @@ def move(tensors: list[torch.Tensor], src_start: int, src_end: int, dst_start: i
         r[:, :, dst_start : dst_start + n] = t[:, :, src_start:src_end]
         out.append(r)
     return out
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> torch.Tensor:
+    """Out-of-place block copy: a clone of ``dst`` with ``dst[j] = src[i]`` for every
+    row ``(i, j)`` of ``block_mapping`` (int64 ``[N, 2]``); other blocks unchanged."""
+    out = dst.clone()
+    for i, j in block_mapping.tolist():
+        out[j] = src[i].to(out.device)
+    return out
