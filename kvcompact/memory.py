@@ -46,6 +46,10 @@ layer at most ``attention_chunk_size``), so the cache at a context of N tokens i
 
     sum over layers of bytes/token/layer x min(N, window of the layer)
 
+(This is the peak: transformers' ``DynamicSlidingWindowLayer`` keeps ``window - 1``
+tokens between steps and hands attention ``window`` of them, the new token included,
+during a decode step. The tests check the formula against its cache, byte for byte.)
+
 Which layers slide comes from ``config.layer_types`` when the config has it
 (transformers fills it in for Gemma-2/3, Cohere-2, GPT-OSS, Qwen-2...); otherwise from
 ``sliding_window_pattern`` (every pattern-th layer is global), the known pattern of
@@ -627,11 +631,13 @@ WEIGHTS_DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
 def estimate_num_params(config: Any) -> int:
     """Estimated parameter count of the text model described by ``config``.
 
-    Counts: token embedding; LM head unless ``tie_word_embeddings``; per layer the
-    attention projections (GQA: K/V sized by KV heads; MLA: the q/kv low-rank
-    projections, their norms and the output projection; Qwen-2's QKV biases), a gated
-    MLP (gate, up, down) or, on MoE layers, routed + shared experts and the router,
-    two norms; the final norm. Not counted: other biases, vision/audio towers,
+    Counts: token embedding; LM head unless ``tie_word_embeddings`` (taken as False
+    when the config does not say); per layer the attention projections (GQA: K/V
+    sized by KV heads; MLA: the q/kv low-rank projections, their norms and the output
+    projection; Qwen-2's QKV biases), a gated MLP (gate, up, down) or, on MoE layers,
+    routed + shared experts and the router, the norms; the final norm. Exact for the
+    transformers Llama, Qwen-2, Mistral, Mixtral, Qwen-2-MoE, Gemma-2/3 and
+    DeepSeek-V3 classes (checked against ``sum(p.numel())`` in the tests). Not counted: other biases, vision/audio towers,
     multi-token-prediction heads (DeepSeek-V3's extra layer). An estimate: for exact
     memory pass ``num_params`` to the planner.
     """
@@ -673,10 +679,16 @@ def estimate_num_params(config: Any) -> int:
     freq = int(_get(cfg, "moe_layer_freq", "decoder_sparse_step", default=1))
     mlp_only = set(cfg.get("mlp_only_layers") or ())
 
+    norms = 2 * h
+    if model_type.startswith("gemma"):
+        norms = 4 * h  # Gemma-2/3 also normalize after attention and after the MLP
+    if model_type.startswith(("gemma3", "qwen3")):
+        norms += 2 * _head_dim(cfg)  # per-head q_norm and k_norm
+
     total = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2) + h
     for i in range(n_layers):
         is_moe = moe_mlp is not None and i >= first_dense and i % freq == 0 and i not in mlp_only
-        total += attn + (moe_mlp if is_moe else dense_mlp) + 2 * h
+        total += attn + (moe_mlp if is_moe else dense_mlp) + norms
     return total
 
 
