@@ -163,6 +163,8 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _storage_choices(model_dtype: str, kv_dtype: str | None, group_size: int | None):
     dense_baseline = memory.storage_format(None, model_dtype=model_dtype)
+    if group_size is not None and kv_dtype not in memory.QUANTIZED_FORMATS:
+        raise ValueError(f"--group-size needs a quantized --kv-dtype ({', '.join(memory.QUANTIZED_FORMATS)})")
     if kv_dtype is None:
         fmts = [dense_baseline]
         if dense_baseline.name == "fp32":
@@ -170,8 +172,6 @@ def _storage_choices(model_dtype: str, kv_dtype: str | None, group_size: int | N
         for name in memory.QUANTIZED_FORMATS:
             fmts += [memory.storage_format(name, g) for g in GROUP_CHOICES]
         return dense_baseline, fmts
-    if group_size is not None and kv_dtype not in memory.QUANTIZED_FORMATS:
-        raise ValueError(f"--group-size needs a quantized --kv-dtype, not {kv_dtype}")
     if kv_dtype in memory.QUANTIZED_FORMATS:
         groups = GROUP_CHOICES if group_size is None else (group_size,)
         chosen = [memory.storage_format(kv_dtype, g) for g in groups]
@@ -281,10 +281,10 @@ def _print_estimate(report: dict, out) -> None:
     headers = ["storage", "bytes/token", "", f"at {ctx:,} tokens", "vs dense"]
     if plan:
         headers.append("tokens that fit")
-    table = []
+    table, errors = [], []
     for r in report["rows"]:
         if "error" in r:
-            table.append([r["storage"], "n/a", "", r["error"], ""] + ([""] if plan else []))
+            errors.append(r)
             continue
         line = [r["storage"], f"{r['bytes_per_token']:,}",
                 f"({memory.format_bytes(r['bytes_per_token'])})",
@@ -299,6 +299,8 @@ def _print_estimate(report: dict, out) -> None:
         cells = [str(c).rjust(w) if i in right else str(c).ljust(w)
                  for i, (c, w) in enumerate(zip(line, widths))]
         print("  ".join(cells).rstrip(), file=out)
+    for r in errors:
+        print(f"{r['storage'].ljust(widths[0])}  n/a: {r['error']}", file=out)
     if plan and plan["available_bytes"] == 0:
         print("\nthe weights and the reserve alone do not fit in this memory", file=out)
     print("\nfp8/int8 rows: 1 byte per element + a 4-byte fp32 scale per group "
