@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -80,12 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # usage errors exit 2 with argparse's message
     try:
         return int(args._command.run(args) or 0)
+    except BrokenPipeError:  # `kvcompact estimate ... | head`: the reader left, not an error
+        # Point stdout at devnull so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:
         args._parser.print_usage(sys.stderr)
         print(f"kvcompact {args._command.name}: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `kvcompact estimate ... | head`
-        return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -257,6 +260,10 @@ def _estimate_report(args: argparse.Namespace) -> dict:
     return report
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
+
+
 def _print_estimate(report: dict, out) -> None:
     lay = report["layout"]
     kinds = ", ".join(f"{n} {k}" for k, n in lay["layer_kinds"].items())
@@ -272,7 +279,7 @@ def _print_estimate(report: dict, out) -> None:
     if plan:
         est = " (estimated)" if plan["num_params_estimated"] else ""
         print(f"  memory {memory.format_bytes(plan['memory_bytes'])}: weights "
-              f"{plan['num_params'] / 1e9:,.2f} B params{est} in {plan['weights_dtype']} = "
+              f"{_params(plan['num_params'])} params{est} in {plan['weights_dtype']} = "
               f"{memory.format_bytes(plan['weights_bytes'])}, reserve "
               f"{memory.format_bytes(plan['reserve_bytes'])}, left for KV "
               f"{memory.format_bytes(plan['available_bytes'])}", file=out)
