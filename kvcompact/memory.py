@@ -513,10 +513,10 @@ class KVLayout:
             return 0
         growth = self.unbounded_bytes_per_token
         if growth == 0:
-            cap = self.bytes_at(max((l.window or 0) for l in self.layers) if self.layers else 0)
-            if cap <= budget:
+            longest = max((layer.window or 0 for layer in self.layers), default=0)
+            if self.bytes_at(longest) <= budget:
                 return None
-            hi = max(l.window or 0 for l in self.layers)
+            hi = longest
         else:
             hi = budget // growth + 1  # bytes_at(N) >= N * growth, so N <= budget // growth
         lo = 0  # invariant: bytes_at(lo) <= budget < bytes_at(hi)
@@ -533,8 +533,8 @@ class KVLayout:
         kinds: dict[str, int] = {}
         for layer in self.layers:
             kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
-        windows = sorted({l.window for l in self.layers if l.window is not None})
-        first = next((l for l in self.layers if l.kind != "none"), None)
+        windows = sorted({layer.window for layer in self.layers if layer.window is not None})
+        first = next((layer for layer in self.layers if layer.kind != "none"), None)
         cfg = self.config
         if _is_mla(cfg):
             attention = "MLA (one cached latent per layer)"
@@ -599,8 +599,8 @@ def kv_bytes_per_token(config: Any, kv_dtype: Any = None, *, group_size: int | N
     -------
     >>> kv_bytes_per_token(builtin_config("Llama-3.1-70B"))
     327680
-    >>> kv_bytes_per_token(builtin_config("Llama-3.1-70B"), "int8")  # + a 4-byte scale per head
-    165120
+    >>> kv_bytes_per_token(builtin_config("Llama-3.1-70B"), "int8")  # 128 one-byte codes + a 4-byte scale per head
+    168960
     """
     return kv_layout(config, kv_dtype, group_size=group_size, dtype=dtype, mla=mla).bytes_per_token
 

@@ -317,6 +317,13 @@ def test_planner_with_sliding_windows():
     assert small == 100
 
 
+def test_docstring_examples():
+    import doctest
+
+    failed, attempted = doctest.testmod(memory, verbose=False)
+    assert attempted >= 3 and failed == 0
+
+
 def test_format_bytes():
     assert memory.format_bytes(327_680) == "320.00 KiB"
     assert memory.format_bytes(40 * GiB) == "40.00 GiB"
