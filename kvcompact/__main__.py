@@ -1,0 +1,5 @@
+"""``python -m kvcompact <command>``: see :mod:`kvcompact.cli`."""
+
+from kvcompact.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,335 @@
+"""The ``kvcompact`` command line: ``kvcompact <command> [options]``.
+
+Commands live in a small registry: adding one is one decorated function::
+
+    def _demo_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--steps", type=int, default=20)
+
+    @command("demo", help="run the scripted agent session", arguments=_demo_arguments)
+    def demo(args: argparse.Namespace) -> int:
+        ...
+        return 0
+
+A command returns its exit status. A ``ValueError`` or ``OSError`` it raises is
+printed as ``kvcompact <command>: error: <message>`` with exit status 2, like an
+argparse usage error; the user never sees a traceback for a bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from kvcompact import memory
+
+__all__ = ["COMMANDS", "Command", "build_parser", "command", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    description: str | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, *, help: str, arguments=None, description: str | None = None):
+    """Register ``fn(args) -> int`` as the subcommand ``name``; ``arguments(parser)``
+    adds its options."""
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        if name in COMMANDS:
+            raise ValueError(f"command {name!r} registered twice")
+        COMMANDS[name] = Command(name, fn, help, arguments, description or fn.__doc__)
+        return fn
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvcompact import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kvcompact",
+        description="Keep long-running LLM agents inside accelerator memory.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvcompact {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(
+            cmd.name, help=cmd.help, description=cmd.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if cmd.arguments is not None:
+            cmd.arguments(p)
+        p.set_defaults(_command=cmd, _parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kvcompact`` and ``python -m kvcompact``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit 2 with argparse's message
+    try:
+        return int(args._command.run(args) or 0)
+    except BrokenPipeError:  # `kvcompact estimate ... | head`: the reader left, not an error
+        # Point stdout at devnull so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, OSError) as e:
+        args._parser.print_usage(sys.stderr)
+        print(f"kvcompact {args._command.name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------------------
+# estimate
+# --------------------------------------------------------------------------------------
+
+KV_DTYPE_CHOICES = ("bf16", "fp16", "fp32") + memory.QUANTIZED_FORMATS
+GROUP_CHOICES = (None, 64, 32)  # per token-head scale, then groups of 64 and 32
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace(",", "").replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    if text.strip() == "0":
+        return 0.0
+    return _positive_float(text)
+
+
+def _param_count(text: str) -> int:
+    """"70.6B", "135M", "8030261248" -> a parameter count."""
+    t = text.strip().replace(",", "").replace("_", "")
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}.get(t[-1:].lower())
+    try:
+        value = float(t[:-1]) * scale if scale else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a parameter count like 8030261248, 70.6B or 135M, got {text!r}"
+        ) from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive parameter count, got {text!r}")
+    return int(round(value))
+
+
+def _estimate_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="PATH",
+                     help="a model's config.json (or the directory holding it)")
+    src.add_argument("--model", metavar="NAME",
+                     help="a built-in config, case-insensitive: " + ", ".join(memory.builtin_names()))
+    p.add_argument("--context", type=_positive_int, metavar="N",
+                   help="context length in tokens (default: the config's "
+                        "max_position_embeddings, else 131072)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPE_CHOICES,
+                   help="show only this storage (beside the dense baseline); default: all")
+    p.add_argument("--group-size", type=_positive_int, metavar="G",
+                   help="with a quantized --kv-dtype: only this group size (elements per scale)")
+    p.add_argument("--gpu-mem", type=_positive_float, metavar="GiB",
+                   help="device memory in GiB: adds how many tokens fit beside the weights")
+    p.add_argument("--weights-dtype", choices=memory.WEIGHTS_DTYPES, default="bf16",
+                   help="how the weights are stored (default: bf16)")
+    p.add_argument("--num-params", type=_param_count, metavar="N",
+                   help="parameter count (e.g. 70.6B); default: estimated from the config")
+    p.add_argument("--reserve", type=_non_negative_float, metavar="GiB",
+                   help="memory kept free for activations and workspaces (default: 10%% of --gpu-mem)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _storage_choices(model_dtype: str, kv_dtype: str | None, group_size: int | None):
+    dense_baseline = memory.storage_format(None, model_dtype=model_dtype)
+    if group_size is not None and kv_dtype not in memory.QUANTIZED_FORMATS:
+        raise ValueError(f"--group-size needs a quantized --kv-dtype ({', '.join(memory.QUANTIZED_FORMATS)})")
+    if kv_dtype is None:
+        fmts = [dense_baseline]
+        if dense_baseline.name == "fp32":
+            fmts.append(memory.storage_format("bf16"))
+        for name in memory.QUANTIZED_FORMATS:
+            fmts += [memory.storage_format(name, g) for g in GROUP_CHOICES]
+        return dense_baseline, fmts
+    if kv_dtype in memory.QUANTIZED_FORMATS:
+        groups = GROUP_CHOICES if group_size is None else (group_size,)
+        chosen = [memory.storage_format(kv_dtype, g) for g in groups]
+    else:
+        chosen = [memory.storage_format(kv_dtype)]
+    return dense_baseline, [dense_baseline] + [f for f in chosen if f != dense_baseline]
+
+
+def _dense_label(fmt: memory.StorageFormat) -> str:
+    # bf16 and fp16 cost the same; say so instead of printing two identical rows.
+    return "bf16/fp16" if fmt.name in ("bf16", "fp16") else fmt.name
+
+
+def _estimate_report(args: argparse.Namespace) -> dict:
+    if args.model is not None:
+        cfg = memory.builtin_config(args.model)
+        source = f"built-in config of {cfg['hf_id']}"
+        name = cfg["name"]
+    else:
+        cfg = memory.load_config(args.config)
+        source = args.config
+        archs = cfg.get("architectures") or [None]
+        name = str(cfg.get("_name_or_path") or archs[0] or cfg.get("model_type") or "model")
+    dtype = memory.model_dtype(cfg)
+    context = args.context or int(cfg.get("max_position_embeddings") or 131072)
+    baseline, fmts = _storage_choices(dtype, args.kv_dtype, args.group_size)
+
+    report: dict = {
+        "model": name,
+        "source": source,
+        "model_dtype": dtype,
+        "context_tokens": context,
+    }
+    layout0 = memory.kv_layout(cfg, baseline.name)
+    report["layout"] = layout0.describe()
+
+    memory_bytes = weights = reserve = available = None
+    if args.gpu_mem is not None:
+        memory_bytes = int(args.gpu_mem * memory.GiB)
+        num_params = args.num_params or memory.estimate_num_params(cfg)
+        weights = memory.weight_bytes(num_params, args.weights_dtype)
+        reserve = (memory.default_reserve(memory_bytes) if args.reserve is None
+                   else int(args.reserve * memory.GiB))
+        available = memory_bytes - weights - reserve
+        report["planner"] = {
+            "memory_bytes": memory_bytes,
+            "num_params": num_params,
+            "num_params_estimated": args.num_params is None,
+            "weights_dtype": args.weights_dtype,
+            "weights_bytes": weights,
+            "reserve_bytes": reserve,
+            "available_bytes": max(available, 0),
+        }
+
+    base_per_token = layout0.bytes_per_token
+    rows = []
+    for fmt in fmts:
+        try:
+            layout = memory.kv_layout(cfg, fmt.name, group_size=fmt.group_size)
+        except ValueError as e:  # a group that does not divide this model's head
+            rows.append({"storage": fmt.label, "error": str(e)})
+            continue
+        per_token = layout.bytes_per_token
+        row = {
+            "storage": _dense_label(fmt) if not fmt.quantized else fmt.label,
+            "kv_dtype": fmt.name,
+            "group_size": fmt.group_size,
+            "bytes_per_token": per_token,
+            "bytes_at_context": layout.bytes_at(context),
+            "ratio_vs_dense": per_token / base_per_token,
+        }
+        if available is not None:
+            if available <= 0:
+                row["tokens_that_fit"] = 0
+            else:
+                fit = layout.max_tokens_within(available)
+                row["tokens_that_fit"] = (int(cfg["max_position_embeddings"])
+                                          if fit is None and cfg.get("max_position_embeddings")
+                                          else fit)
+                row["fit_unbounded"] = fit is None
+        rows.append(row)
+    report["rows"] = rows
+    return report
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
+
+
+def _print_estimate(report: dict, out) -> None:
+    lay = report["layout"]
+    kinds = ", ".join(f"{n} {k}" for k, n in lay["layer_kinds"].items())
+    cached = " + ".join(f"{t['role']} {t['heads']}x{t['dim']}" for t in lay["cached_per_layer"])
+    print(f"{report['model']}  ({report['source']})", file=out)
+    print(f"  {lay['layers']} layers ({kinds}); cached per token per layer: {cached}; "
+          f"{lay['attention']}; model dtype {report['model_dtype']}", file=out)
+    if lay["windows"]:
+        print("  windowed layers hold at most "
+              + ", ".join(f"{w:,}" for w in lay["windows"]) + " tokens", file=out)
+    ctx = report["context_tokens"]
+    plan = report.get("planner")
+    if plan:
+        est = " (estimated)" if plan["num_params_estimated"] else ""
+        print(f"  memory {memory.format_bytes(plan['memory_bytes'])}: weights "
+              f"{_params(plan['num_params'])} params{est} in {plan['weights_dtype']} = "
+              f"{memory.format_bytes(plan['weights_bytes'])}, reserve "
+              f"{memory.format_bytes(plan['reserve_bytes'])}, left for KV "
+              f"{memory.format_bytes(plan['available_bytes'])}", file=out)
+    print(file=out)
+
+    headers = ["storage", "bytes/token", "", f"at {ctx:,} tokens", "vs dense"]
+    if plan:
+        headers.append("tokens that fit")
+    table, errors = [], []
+    for r in report["rows"]:
+        if "error" in r:
+            errors.append(r)
+            continue
+        line = [r["storage"], f"{r['bytes_per_token']:,}",
+                f"({memory.format_bytes(r['bytes_per_token'])})",
+                memory.format_bytes(r["bytes_at_context"]), f"{r['ratio_vs_dense']:.3f}x"]
+        if plan:
+            fit = f"{r['tokens_that_fit']:,}"
+            line.append(fit + (" (any: windowed)" if r.get("fit_unbounded") else ""))
+        table.append(line)
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *table)]
+    right = {1, 3, 4, 5}
+    for line in [headers] + table:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w)
+                 for i, (c, w) in enumerate(zip(line, widths))]
+        print("  ".join(cells).rstrip(), file=out)
+    for r in errors:
+        print(f"{r['storage'].ljust(widths[0])}  n/a: {r['error']}", file=out)
+    if plan and plan["available_bytes"] == 0:
+        print("\nthe weights and the reserve alone do not fit in this memory", file=out)
+    print("\nfp8/int8 rows: 1 byte per element + a 4-byte fp32 scale per group "
+          "(no suffix: one scale per token per head; gN: one per N elements).", file=out)
+
+
+@command(
+    "estimate",
+    help="KV bytes per token, at a context, and what fits beside the weights",
+    arguments=_estimate_arguments,
+    description=(
+        "Print a model's KV-cache bytes per token (GQA and MLA aware, sliding windows\n"
+        "capped), the total at a context length, and, with --gpu-mem, how many tokens\n"
+        "fit beside the weights, for each storage choice.\n\n"
+        "example: kvcompact estimate --model Llama-3.1-70B --context 131072 --gpu-mem 80"
+    ),
+)
+def estimate(args: argparse.Namespace) -> int:
+    report = _estimate_report(args)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        _print_estimate(report, sys.stdout)
+    return 0
