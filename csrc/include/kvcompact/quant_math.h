@@ -57,6 +57,12 @@ struct FormatTraits<QuantFormat::kInt8> {
 // codes then stay within +-QMAX because |x| <= absmax < QMAX * 2^-149.
 constexpr float kMinScale = 1.40129846e-45f;  // 2^-149
 
+C10_HOST_DEVICE inline bool is_finite(float v) {
+  // Written out (rather than std::isfinite) so host and device agree without
+  // depending on which math library the compiler picks.
+  return (v - v) == 0.0f;
+}
+
 C10_HOST_DEVICE inline float quiet_nan() {
   return std::numeric_limits<float>::quiet_NaN();
 }
