@@ -76,7 +76,7 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # NOTE: no --use_fast_math anywhere: the quantization contract needs IEEE
     # division and rounding so CPU and CUDA agree bit for bit.
-    extra = {"cxx": opt + ["-fno-fast-math"]}
+    extra = {"cxx": opt + ["-fno-fast-math", "-ffp-contract=off"]}
 
     if build_cuda:
         archs = cuda_arch_list()
