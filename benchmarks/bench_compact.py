@@ -13,7 +13,7 @@ GB/s counts bytes read + written. Times are medians. Peak extra memory is
 measured with torch.cuda.max_memory_allocated on GPU; on CPU it is the size of
 what each method allocates (compact_ allocates nothing).
 
-    python benchmarks/bench_compact.py [--quick] [--device cpu|cuda|all] [--json PATH]
+    python benchmarks/bench_compact.py [--quick] [--device cpu|cuda|all] [--threads N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -197,9 +197,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="8k tokens only")
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (torch.set_num_threads); on a shared or small VM, "
+                         "1 gives stable numbers")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "out",
                                                    "bench_compact.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     sizes = [8192] if args.quick else [8192, 32768]

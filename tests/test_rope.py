@@ -298,3 +298,25 @@ def test_opcheck():
     codes, scales = reference.quantize(torch.randn(1, 2, 5, 8), "int8", 4)
     torch.library.opcheck(torch.ops.kvcompact.rope_shift_quantized_.default,
                           (codes, scales, d, f, "gptj"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_special_values(device, dtype):
+    # NaN, +-Inf and values whose rotation overflows the dtype round the same
+    # way as torch's own conversion (bf16 uses a branch-free path on CPU).
+    big = torch.finfo(dtype).max
+    keys = torch.randn(1, 1, 4, 16)
+    keys[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])
+    keys[0, 0, 1, :8] = big
+    keys[0, 0, 2, :8] = -big
+    keys = keys.to(dtype).to(device)
+    delta = torch.tensor([3, -5, 7, 1], device=device)
+    f = inv_freq_for(16).to(device)
+    expected = reference.rope_shift(keys.cpu(), delta.cpu(), f.cpu(), "neox")
+    ops.rope_shift_(keys, delta, f, "neox")
+    # NaN payloads may legitimately differ; compare NaN-ness, then the rest bit for bit.
+    got = keys.cpu()
+    assert torch.equal(got.isnan(), expected.isnan())
+    fin = ~expected.isnan()
+    assert_bits_equal(got[fin], expected[fin])

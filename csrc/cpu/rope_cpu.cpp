@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kvcompact/quant_math.h"
@@ -25,7 +27,7 @@ constexpr int64_t kTokensPerTask = 16;
 
 // cos/sin for one delta, recomputed only when delta changes.
 struct AngleTable {
-  std::vector<float> c, s;
+  std::vector<float> c, s;  // per pair i < R/2
   int64_t delta = 0;
   bool valid = false;
 
@@ -41,18 +43,62 @@ struct AngleTable {
   }
 };
 
+// bf16 <-> fp32 on raw bits, branch-free so the rotate loop vectorizes (c10's
+// conversion is not inlined into a vector loop). Same rounding as c10:
+// round-to-nearest-even, any NaN -> 0x7FC0.
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
+// Contiguous neox pairs (x1[i], x2[i]). __restrict (the halves and the table
+// never overlap) lets the compiler vectorize without runtime alias checks.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KVCOMPACT_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define KVCOMPACT_VECTOR_CLONES
+#endif
+
+KVCOMPACT_VECTOR_CLONES
+void rotate_neox_bf16(uint16_t* __restrict x1, uint16_t* __restrict x2, int64_t half,
+                      const float* __restrict c, const float* __restrict s) {
+  for (int64_t i = 0; i < half; ++i) {
+    float y1, y2;
+    rope_rotate(bf16_to_float(x1[i]), bf16_to_float(x2[i]), c[i], s[i], y1, y2);
+    x1[i] = float_to_bf16(y1);
+    x2[i] = float_to_bf16(y2);
+  }
+}
+
+template <typename scalar_t>
+inline void rotate_neox(scalar_t* __restrict x1, scalar_t* __restrict x2, int64_t half,
+                        const float* __restrict c, const float* __restrict s) {
+  for (int64_t i = 0; i < half; ++i) {
+    float y1, y2;
+    rope_rotate(static_cast<float>(x1[i]), static_cast<float>(x2[i]), c[i], s[i], y1, y2);
+    x1[i] = static_cast<scalar_t>(y1);
+    x2[i] = static_cast<scalar_t>(y2);
+  }
+}
+
 template <typename scalar_t>
 inline void rotate_token(scalar_t* x, int64_t sd, const RopeShape& sh, const AngleTable& tab) {
   const int64_t half = sh.half;
   if (sh.style == RopeStyle::kNeox && sd == 1) {
-    scalar_t* x1 = x;
-    scalar_t* x2 = x + half;
-    for (int64_t i = 0; i < half; ++i) {
-      float y1, y2;
-      rope_rotate(static_cast<float>(x1[i]), static_cast<float>(x2[i]), tab.c[i], tab.s[i], y1,
-                  y2);
-      x1[i] = static_cast<scalar_t>(y1);
-      x2[i] = static_cast<scalar_t>(y2);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      uint16_t* bits = reinterpret_cast<uint16_t*>(x);
+      rotate_neox_bf16(bits, bits + half, half, tab.c.data(), tab.s.data());
+    } else {
+      rotate_neox<scalar_t>(x, x + half, half, tab.c.data(), tab.s.data());
     }
     return;
   }
