@@ -133,31 +133,51 @@ struct ShiftMap {
   __device__ const ShiftMap& row(int64_t) const { return *this; }
 };
 
-// Stages (kLoad) or writes back one tensor's tokens of the tile in V-sized words.
+// Stages (kLoad) or writes back one tensor's tokens of the tile in V-sized
+// words. Each thread handles kUnroll words per step and issues all their global
+// loads before any dependent store, so enough bytes are in flight per SM to
+// cover DRAM latency at half occupancy.
 template <typename V, bool kLoad>
 __device__ void copy_tile_words(const TokenLayout& L, unsigned char* stage, char* row_base,
                                 const int64_t* s_src, const int64_t* s_dst, int ntok) {
+  constexpr int kUnroll = 4;
   const unsigned per_chunk = static_cast<unsigned>(L.chunk_bytes / sizeof(V));
   const unsigned per_token = per_chunk * static_cast<unsigned>(L.chunks);
   const unsigned total = per_token * static_cast<unsigned>(ntok);
   V* sm = reinterpret_cast<V*>(stage);
-  for (unsigned u = threadIdx.x; u < total; u += blockDim.x) {
-    const unsigned tok = u / per_token;
-    const int64_t pos = kLoad ? s_src[tok] : s_dst[tok];
-    if (pos < 0) continue;  // token needs no move (or an invalid index was skipped)
-    const unsigned rem = u - tok * per_token;
-    int64_t off;
-    if (L.chunks == 1) {
-      off = static_cast<int64_t>(rem) * sizeof(V);
-    } else {
-      const unsigned c = rem / per_chunk;
-      off = L.chunk_offset(c) + static_cast<int64_t>(rem - c * per_chunk) * sizeof(V);
+  for (unsigned base = threadIdx.x; base < total; base += kUnroll * blockDim.x) {
+    V* global[kUnroll];
+    V word[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const unsigned u = base + k * blockDim.x;
+      global[k] = nullptr;
+      if (u >= total) continue;
+      const unsigned tok = u / per_token;
+      const int64_t pos = kLoad ? s_src[tok] : s_dst[tok];
+      if (pos < 0) continue;  // token needs no move (or an invalid index was skipped)
+      const unsigned rem = u - tok * per_token;
+      int64_t off;
+      if (L.chunks == 1) {
+        off = static_cast<int64_t>(rem) * sizeof(V);
+      } else {
+        const unsigned c = rem / per_chunk;
+        off = L.chunk_offset(c) + static_cast<int64_t>(rem - c * per_chunk) * sizeof(V);
+      }
+      global[k] = reinterpret_cast<V*>(row_base + pos * L.stride_t + off);
     }
-    V* g = reinterpret_cast<V*>(row_base + pos * L.stride_t + off);
-    if (kLoad) {
-      sm[u] = *g;
-    } else {
-      *g = sm[u];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      if (global[k] != nullptr) word[k] = kLoad ? *global[k] : sm[base + k * blockDim.x];
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      if (global[k] == nullptr) continue;
+      if (kLoad) {
+        sm[base + k * blockDim.x] = word[k];
+      } else {
+        *global[k] = word[k];
+      }
     }
   }
 }
@@ -175,6 +195,8 @@ __device__ void copy_tile(const TokenLayout& L, unsigned char* stage, int64_t b,
   }
 }
 
+// ~110 registers (no spills at sm_90): 2 CTAs per SM, i.e. 512 threads x 4
+// words x 16 B = 32 KiB of loads in flight per SM. Forcing 3 CTAs spills.
 template <class Map>
 __global__ void __launch_bounds__(kThreads)
     tiled_move_kernel(const __grid_constant__ LaunchTensors ts, const TileGeometry geo,
