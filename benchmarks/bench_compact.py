@@ -9,7 +9,8 @@ and 32k tokens, keeping 50% and 90%. Every row carries its ceiling:
 * rope_shift_ vs ``copy_`` of the keys and vs torch eager re-rotation
   (``k.copy_(k * cos + rotate_half(k) * sin)`` with fp32 cos/sin).
 
-GB/s counts bytes read + written. Times are medians. Peak extra memory is
+GB/s counts bytes read + written. Times are medians, measured round-robin;
+with --threads 1 CPU times are the thread's CPU time (stable on shared VMs). Peak extra memory is
 measured with torch.cuda.max_memory_allocated on GPU; on CPU it is the size of
 what each method allocates (compact_ allocates nothing).
 
@@ -39,9 +40,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def clock(device):
+    """Wall time, except single-threaded CPU runs, which use the calling thread's
+    CPU time: all work then runs on this thread (at::parallel_for runs inline),
+    and CPU time is immune to other processes on a shared machine."""
+    if device == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
 def median_times(fns, device, repeats, warmup=2):
     """Median seconds of each callable in `fns`, measured round-robin so that
     load from other processes hits every candidate alike."""
+    now = clock(device)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -49,10 +60,10 @@ def median_times(fns, device, repeats, warmup=2):
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -220,7 +231,8 @@ def main():
     print_tables(rows)
     meta = {
         "torch": torch.__version__, "kvcompact_build": kvcompact.build_info(),
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_clock": clock("cpu").__name__, "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
