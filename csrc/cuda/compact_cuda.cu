@@ -67,7 +67,8 @@ constexpr int kMaxTensorsPerLaunch = 8;
 constexpr int kThreads = 256;
 constexpr int64_t kTileBytes = 32 * 1024;      // staged bytes per CTA (all tensors)
 constexpr int64_t kMaxTileTokens = 256;        // bounds the shared index arrays
-constexpr int64_t kMaxStageBytes = 88 * 1024;  // opt-in dynamic smem cap (sm_89 allows 99 KiB per block)
+// Opt-in dynamic shared memory cap: sm_89 allows 99 KiB per block in all.
+constexpr int64_t kMaxStageBytes = 88 * 1024;
 
 struct LaunchTensors {
   TokenLayout t[kMaxTensorsPerLaunch];

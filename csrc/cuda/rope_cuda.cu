@@ -207,7 +207,8 @@ void rope_shift_quantized_cuda(const at::Tensor& codes, const at::Tensor& scales
   p.B = sh.B; p.H = sh.H; p.T = sh.T; p.D = sh.D; p.half = sh.half;
   p.G = q.group_size; p.groups = q.groups;
   p.cb = codes.stride(0); p.ch = codes.stride(1); p.ct = codes.stride(2); p.cd = codes.stride(3);
-  p.qb = scales.stride(0); p.qh = scales.stride(1); p.qt = scales.stride(2); p.qg = scales.stride(3);
+  p.qb = scales.stride(0); p.qh = scales.stride(1);
+  p.qt = scales.stride(2); p.qg = scales.stride(3);
   if (sh.delta_per_row) {
     p.db = delta.stride(0); p.dh = delta.stride(1); p.dt = delta.stride(2);
   } else {

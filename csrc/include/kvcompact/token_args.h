@@ -171,7 +171,9 @@ inline void validate_keep_idx_host(const char* op, const at::Tensor& keep_idx, i
       for (int64_t j = 0; j < K; ++j) {
         const int64_t v = row[j * sk];
         if (v < 0 || v >= T) raise_keep_idx_error(op, kKeepIdxOutOfRange, b, h, j, v, prev, T);
-        if (j > 0 && v <= prev) raise_keep_idx_error(op, kKeepIdxNotIncreasing, b, h, j, v, prev, T);
+        if (j > 0 && v <= prev) {
+          raise_keep_idx_error(op, kKeepIdxNotIncreasing, b, h, j, v, prev, T);
+        }
         prev = v;
       }
     }
