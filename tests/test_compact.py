@@ -58,7 +58,7 @@ PATTERNS = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_patterns_mixed_group(device, pattern):
-    gen = torch.Generator().manual_seed(hash(pattern) % 1000)
+    gen = torch.Generator().manual_seed(sorted(PATTERNS).index(pattern))
     tensors = cache_group(B, H, T, D, device, gen)
     keep = rows_of(PATTERNS[pattern], B, H, device)
     run_and_check(tensors, keep)
