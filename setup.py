@@ -78,8 +78,10 @@ def extension():
     # division and rounding so CPU and CUDA agree bit for bit.
     # -fno-trapping-math only promises that no FP trap handler is installed, so
     # the vectorizer may evaluate both sides of a select (the branch-free fp8
-    # encode); it changes no value.
-    extra = {"cxx": opt + ["-fno-fast-math", "-fno-trapping-math"]}
+    # encode); it changes no value. -ffp-contract=off keeps the host compiler
+    # from fusing a*b+c into an FMA, which would round differently from CUDA
+    # and from the torch reference (the rope rotation is the case that bites).
+    extra = {"cxx": opt + ["-fno-fast-math", "-fno-trapping-math", "-ffp-contract=off"]}
 
     if build_cuda:
         archs = cuda_arch_list()

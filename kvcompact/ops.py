@@ -135,6 +135,9 @@ def move_(tensors: Sequence[torch.Tensor], src_start: int, src_end: int, dst_sta
     """Move tokens ``[src_start, src_end)`` to ``dst_start`` along dim 2, in place,
     with memmove semantics (the ranges may overlap). ``tensors`` as in
     :func:`compact_`; the destination range must fit in T."""
+    if len(tensors) == 0:
+        # Checked here: with no tensor argument the dispatcher cannot pick a backend.
+        raise ValueError("move_: `tensors` must be a non-empty list")
     _ops.move_(list(tensors), src_start, src_end, dst_start)
 
 

@@ -86,3 +86,56 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
     for i, j in block_mapping.tolist():
         out[j] = src[i].to(out.device)
     return out
+
+
+def _rope_pairs(x: torch.Tensor, half: int, style: str):
+    """The two halves of every rotary pair of ``x [..., D]`` as views."""
+    if style == "neox":
+        return x[..., :half], x[..., half : 2 * half]
+    if style == "gptj":
+        return x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]
+    raise ValueError(f"rope_shift: `style` must be 'neox' or 'gptj'; got {style!r}")
+
+
+def rope_shift(
+    keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, style: str = "neox"
+) -> torch.Tensor:
+    """Out-of-place RoPE re-rotation of ``keys [B, H, T, D]`` by ``delta * inv_freq``.
+
+    ``delta`` is int64 ``[T]`` or ``[B, H, T]``; R = 2 * len(inv_freq) <= D and
+    dims from R on are untouched. Angles are fp64 (``delta * inv_freq``), cos and
+    sin are rounded once to fp32, and each pair rotates in fp32 with every product
+    and sum rounded separately::
+
+        y1 = x1 * cos - x2 * sin,   y2 = x2 * cos + x1 * sin
+
+    then the result is rounded to ``keys.dtype``.
+    """
+    half = inv_freq.shape[0]
+    d = delta if delta.dim() == 3 else delta.reshape(1, 1, -1)
+    angle = d.double().unsqueeze(-1) * inv_freq.double()  # [.., .., T, R/2]
+    c, s = torch.cos(angle).float(), torch.sin(angle).float()
+    x = keys.float()
+    x1, x2 = _rope_pairs(x, half, style)
+    y1 = x1 * c - x2 * s
+    y2 = x2 * c + x1 * s
+    out = x.clone()
+    o1, o2 = _rope_pairs(out, half, style)
+    o1.copy_(y1)
+    o2.copy_(y2)
+    return out.to(keys.dtype)
+
+
+def rope_shift_quantized(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    delta: torch.Tensor,
+    inv_freq: torch.Tensor,
+    style: str = "neox",
+):
+    """Dequantize to fp32, :func:`rope_shift`, requantize with the same group size
+    and format (from ``codes.dtype``). Returns new ``(codes, scales)``."""
+    fmt = FORMAT_OF_DTYPE[codes.dtype]
+    group_size = codes.shape[-1] // scales.shape[-1]
+    x = dequantize(codes, scales, torch.float32)
+    return quantize(rope_shift(x, delta, inv_freq, style), fmt, group_size)
