@@ -63,9 +63,15 @@ def run_main(capsys, *argv):
 
 
 def run_module(*argv):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "kvcompact", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    # The child must import the same kvcompact this process did (the installed
+    # package in CI, an in-place build in a checkout), so put that one first
+    # and run from a neutral folder where no source tree can shadow it.
+    import kvcompact
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(kvcompact.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "kvcompact", *argv], cwd=os.path.dirname(package_parent),
+                          env=env, capture_output=True, text=True, timeout=120)
 
 
 def row(out, storage):
