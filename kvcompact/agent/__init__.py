@@ -1,0 +1,8 @@
+"""The agent layer: messages, incremental templates, tracking, compaction, checkpoints."""
+
+from kvcompact.agent.messages import ROLES, IdGenerator, Message, as_message, new_message_id
+from kvcompact.agent.template import (Increment, RenderState, TemplateError, TemplateNotPrefixStable,
+                                      TemplateRenderer)
+
+__all__ = ["ROLES", "IdGenerator", "Message", "as_message", "new_message_id",
+           "Increment", "RenderState", "TemplateError", "TemplateNotPrefixStable", "TemplateRenderer"]
