@@ -3,6 +3,8 @@
 from kvcompact.agent.messages import ROLES, IdGenerator, Message, as_message, new_message_id
 from kvcompact.agent.template import (Increment, RenderState, TemplateError, TemplateNotPrefixStable,
                                       TemplateRenderer)
+from kvcompact.agent.tracker import ContextGrowthWarning, MemoryTracker, StepRecord
 
 __all__ = ["ROLES", "IdGenerator", "Message", "as_message", "new_message_id",
-           "Increment", "RenderState", "TemplateError", "TemplateNotPrefixStable", "TemplateRenderer"]
+           "Increment", "RenderState", "TemplateError", "TemplateNotPrefixStable", "TemplateRenderer",
+           "ContextGrowthWarning", "MemoryTracker", "StepRecord"]
