@@ -171,7 +171,8 @@ def test_previous_ids_from_generation_are_reconciled(tokenizer):
 
 NO_TOOL_RAISES = (
     "{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}"
     "### {{ m['role'] | capitalize }}\n{{ m['content'] }}\n\n"
     "{% endfor %}{% if add_generation_prompt %}### Assistant\n{% endif %}"
 )
@@ -234,3 +235,11 @@ def test_bad_arguments(tokenizer):
         r.render_increment(SEQUENCES["system+user"], 3)
     assert r.render([]) == ""
     assert r.render_increment([], 0).token_ids == []
+
+
+def test_message_docstring_examples():
+    import doctest
+
+    from kvcompact.agent import messages
+    failed, attempted = doctest.testmod(messages, verbose=False)
+    assert attempted >= 3 and failed == 0

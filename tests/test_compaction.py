@@ -44,7 +44,8 @@ def test_seed_behaviour_truncates_old_tool_outputs_only():
     before = copy.deepcopy(msgs)
     out = compact_messages(msgs, max_tokens=10**9, keep_recent=6, observation_budget=300)
     assert msgs == before  # input untouched
-    assert len(out) == len(msgs) and [m["role"] for m in out] == [m["role"] for m in msgs]  # nothing dropped, order kept
+    # Nothing dropped, order kept.
+    assert len(out) == len(msgs) and [m["role"] for m in out] == [m["role"] for m in msgs]
     non_system = [i for i, m in enumerate(msgs) if m["role"] != "system"]
     recent = set(non_system[-6:])
     for i, (old, new) in enumerate(zip(msgs, out)):

@@ -30,10 +30,10 @@ Guarantees
 One writer per path at a time (a second concurrent writer could remove the first's temporary
 directory). This module imports only torch and safetensors, so it can be used on its own.
 
-Example
--------
->>> write_checkpoint("ckpt", {"keys.0": k0, "values.0": v0}, {"model": model_identity(model), "step": 12})
->>> tensors, meta = read_checkpoint("ckpt", expected_model_identity=model_identity(model))
+Example (needs a tokenizer/model, so not a doctest)::
+
+    write_checkpoint("ckpt", {"keys.0": k0, "values.0": v0}, {"model": model_identity(model), "step": 12})
+    tensors, meta = read_checkpoint("ckpt", expected_model_identity=model_identity(model))
 """
 
 from __future__ import annotations
@@ -343,7 +343,8 @@ def read_checkpoint(path: str | os.PathLike, expected_model_identity: Mapping | 
     identity = manifest.get("model")
     if expected_model_identity:
         if not isinstance(identity, dict):
-            raise CheckpointError(f"{path}: the checkpoint records no model identity; cannot check it is for this model")
+            raise CheckpointError(
+                f"{path}: the checkpoint records no model identity; cannot check it is for this model")
         expected = _jsonable(dict(expected_model_identity))
         bad = [f"{k}: checkpoint has {identity.get(k, '<missing>')!r}, expected {v!r}"
                for k, v in sorted(expected.items()) if identity.get(k, object()) != v]

@@ -21,11 +21,11 @@ and shortens older tool outputs. This version keeps that idea and fixes what bre
 * **Deterministic and pure**: the same input gives the same output; the input is never mutated
   (dicts are copied, :class:`Message` objects are frozen).
 
-Example
--------
->>> out = compact_messages(messages, max_tokens=16_000)
->>> client.chat.completions.create(model=..., messages=out)   # plain dicts in, plain dicts out
->>> out.plan.dropped_ids, out.plan.replacements
+Example (needs a tokenizer/model, so not a doctest)::
+
+    out = compact_messages(messages, max_tokens=16_000)
+    client.chat.completions.create(model=..., messages=out)   # plain dicts in, plain dicts out
+    out.plan.dropped_ids, out.plan.replacements
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from kvcompact.agent.messages import Message, as_message
+from kvcompact.agent.messages import Message, as_message, message_ref
 
 __all__ = ["compact_messages", "plan_compaction", "apply_plan", "CompactionPlan", "Truncation", "Drop",
            "CompactedMessages", "TokenCounter"]
@@ -160,12 +160,7 @@ class CompactedMessages(list):
     plan: CompactionPlan
 
 
-def _ref(message: Any, index: int) -> Any:
-    if isinstance(message, Message):
-        return message.id
-    if isinstance(message, Mapping) and message.get("id") is not None:
-        return message["id"]
-    return index
+_ref = message_ref
 
 
 def _groups(msgs: list[Message], droppable: list[bool]) -> list[list[int]]:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["ROLES", "Message", "IdGenerator", "new_message_id", "as_message", "validate_role"]
+__all__ = ["ROLES", "Message", "IdGenerator", "new_message_id", "as_message", "validate_role", "message_ref"]
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -148,3 +148,12 @@ def as_message(message: Message | Mapping) -> Message:
     if isinstance(message, Mapping):
         return Message.from_dict(message)
     raise TypeError(f"expected a Message or a dict with 'role' and 'content'; got {type(message).__name__}")
+
+
+def message_ref(message: Message | Mapping, index: int):
+    """How reports name a message: its id (``Message.id`` or a dict's non-empty ``"id"``), else its index."""
+    if isinstance(message, Message):
+        return message.id
+    if isinstance(message, Mapping) and message.get("id") is not None:
+        return message["id"]
+    return index

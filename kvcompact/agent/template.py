@@ -42,16 +42,16 @@ or drops the tool message's text, tool messages are rendered as user messages wh
 (strict role alternation) will still raise on consecutive tool outputs; merging them would
 change text that is already cached, so we let the template's own error through.
 
-Example
--------
->>> r = TemplateRenderer(tokenizer)
->>> inc = r.render_increment(messages, n_already=0, add_generation_prompt=True)
->>> cache_ids = inc.token_ids                         # prefill these
->>> messages.append(Message("tool", "output", name="ls"))
->>> inc = r.render_increment(messages, n_already=len(messages) - 1,
-...                          previous_generation_prompt=True, previous_ids=cache_ids)
->>> inc.retract_text, inc.text[:5]   # the unused assistant header comes out (minimal edit)
-('assistant\\n', 'tool\\n')
+Example (needs a tokenizer/model, so not a doctest)::
+
+    r = TemplateRenderer(tokenizer)
+    inc = r.render_increment(messages, n_already=0, add_generation_prompt=True)
+    cache_ids = inc.token_ids                         # prefill these
+    messages.append(Message("tool", "output", name="ls"))
+    inc = r.render_increment(messages, n_already=len(messages) - 1,
+                             previous_generation_prompt=True, previous_ids=cache_ids)
+    # the unused assistant header comes out (a minimal edit: "<|im_start|>" is shared):
+    inc.retract_text, inc.text[:5]   # -> ('assistant\\n', 'tool\\n')
 """
 
 from __future__ import annotations
@@ -347,12 +347,11 @@ class TemplateRenderer:
 class RenderState:
     """Tracks what a cache holds and hands out the next increment (a thin stateful helper).
 
-    Example
-    -------
-    >>> state = RenderState(TemplateRenderer(tokenizer))
-    >>> inc = state.advance(messages, add_generation_prompt=True)   # feed inc.token_ids
-    >>> state.ids == renderer.render_ids(messages, True)
-    True
+    Example (needs a tokenizer)::
+
+        state = RenderState(renderer := TemplateRenderer(tokenizer))
+        inc = state.advance(messages, add_generation_prompt=True)   # feed inc.token_ids
+        assert state.ids == renderer.render_ids(messages, True)
     """
 
     def __init__(self, renderer: TemplateRenderer):

