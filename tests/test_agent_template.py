@@ -243,3 +243,57 @@ def test_message_docstring_examples():
     from kvcompact.agent import messages
     failed, attempted = doctest.testmod(messages, verbose=False)
     assert attempted >= 3 and failed == 0
+
+
+def test_message_spans_tile_the_render(tokenizer):
+    r = TemplateRenderer(tokenizer)
+    for name, msgs in SEQUENCES.items():
+        ids = r.render_ids(msgs)
+        spans = r.message_spans(msgs)
+        assert len(spans) == len(msgs) and spans[0][0] == 0 and spans[-1][1] == len(ids), name
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), name
+        for m, (s, e) in zip(msgs, spans):
+            if m.content.strip():
+                assert m.content.strip() in tokenizer.decode(ids[s:e]), (name, m.id)
+    spans = r.message_spans(SEQUENCES["multi-turn"])
+    ids = r.render_ids(SEQUENCES["multi-turn"])
+    assert tokenizer.decode(ids[slice(*spans[2])]) == "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
+
+
+# --------------------------------------------------------------------------- property test
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from conftest import FUZZ_EXAMPLES  # noqa: E402
+
+_PIECES = ["", " ", "\n", "\n\n", "  \n", "word", " word", "héllo", "🙂", "<|im_end|>", "<|im_start|>x", "\t",
+           "```py\nx = 1\n```", "1234567", "!!", "'s"]
+_contents = st.lists(st.sampled_from(_PIECES), min_size=0, max_size=5).map("".join)
+_messages = st.lists(st.tuples(st.sampled_from(["system", "user", "assistant", "tool"]), _contents, st.booleans()),
+                     min_size=1, max_size=7)
+
+
+@settings(max_examples=FUZZ_EXAMPLES or 40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(spec=_messages, fallback=st.booleans(), verify=st.booleans())
+def test_random_conversations_render_incrementally(tokenizer, spec, fallback, verify):
+    """Any role order, adversarial contents (whitespace runs, special-token text, emoji), generation
+    prompts on or off at every step: the accumulated ids always equal tokenizing the full render."""
+    key = (fallback, verify)
+    if key not in _RENDERERS:  # hypothesis runs the body many times; build each renderer once
+        _RENDERERS[key] = TemplateRenderer(tokenizer, tool_fallback="always" if fallback else "auto",
+                                           verify_tokens=verify)
+    r = _RENDERERS[key]
+    msgs = [Message(role, content, id=f"m{k}", name="t" if role == "tool" else None)
+            for k, (role, content, _) in enumerate(spec)]
+    state = RenderState(r)
+    for k in range(1, len(msgs) + 1):
+        gp = spec[k - 1][2]
+        state.advance(msgs[:k], add_generation_prompt=gp)
+        full = r.render(msgs[:k], gp)
+        assert state.text == full
+        assert state.ids == _full_ids(tokenizer, full)
+    assert r.boundary_mismatches == 0
+
+
+_RENDERERS: dict = {}

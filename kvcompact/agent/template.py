@@ -298,6 +298,25 @@ class TemplateRenderer:
                          full_text=full_text, n_messages=len(msgs), generation_prompt=generation_prompt,
                          verified=verified)
 
+    def message_spans(self, messages: Sequence[Message | Mapping], add_generation_prompt: bool = False) -> list:
+        """Token range ``(start, end)`` of each message in ``render_ids(messages, add_generation_prompt)``.
+
+        Text the template adds before the first message (a default system prompt) belongs to the
+        first message; the generation prompt belongs to none (it ends at the last span's end). A
+        token that merges across a boundary belongs to the later message. Spans tile the tokens
+        without gaps: ``spans[k][1] == spans[k + 1][0]``.
+        """
+        spans: list = []
+        n_ids = 0
+        for k in range(1, len(messages) + 1):
+            inc = self.render_increment(messages[:k], k - 1)
+            start = n_ids - inc.retract_tokens
+            if spans and inc.retract_tokens:  # a merged boundary token moves to the new message
+                spans[-1] = (spans[-1][0], max(spans[-1][0], start))
+            n_ids = start + len(inc.token_ids)
+            spans.append((start, n_ids))
+        return spans
+
     # ------------------------------------------------------------------ probes and helpers
 
     def _probe_tool_role(self) -> bool:
