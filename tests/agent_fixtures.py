@@ -70,3 +70,26 @@ def smollm2_tokenizer():
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_model():
+    """The embedded model (float32, CPU) via ``kvcompact.models.load_default`` when that helper exists,
+    else from its converted folder; skips when neither is available (converting takes ~20 s once)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from kvcompact.models import load_default
+    except ImportError:
+        load_default = None
+    if load_default is not None:
+        try:
+            return load_default()
+        except FileNotFoundError as err:
+            pytest.skip(str(err))
+    model_dir = _model_dir()
+    if not (model_dir / "config.json").exists():
+        pytest.skip("the converted SmolLM2 model is not available (kvcompact.models.load_default makes it)")
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    return model, smollm2_tokenizer()
