@@ -280,7 +280,7 @@ class MemoryTracker:
         ax_t, ax_b = fig.subplots(2, 1, sharex=True)
         ax_t.stackplot(steps, *[[r.tokens_by_role[k] for r in self.steps] for k in ROLES], labels=ROLES, alpha=0.8)
         ax_t.plot(steps, [r.context_tokens for r in self.steps], color="black", marker="o", ms=3,
-                  label="context (rendered)")
+                  label="context (as cached)" if self._renderer is not None else "context")
         if self.warn_tokens is not None:
             ax_t.axhline(self.warn_tokens, color="red", ls="--", lw=1, label="warn_tokens")
         ax_t.set_ylabel("tokens")
