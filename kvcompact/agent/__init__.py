@@ -1,0 +1,26 @@
+"""The agent layer: message-level decisions turned into KV-cache edits (see docs/agent.md).
+
+- :mod:`~kvcompact.agent.messages`: :class:`Message` (role, content, stable id) and id generators.
+- :mod:`~kvcompact.agent.template`: :class:`TemplateRenderer`, the tokens to append (and to take
+  back) when messages arrive, equal to tokenizing the full chat-template render.
+- :mod:`~kvcompact.agent.tracker`: :class:`MemoryTracker`, tokens and KV bytes per step.
+- :mod:`~kvcompact.agent.compaction`: :func:`compact_messages` and its :class:`CompactionPlan`.
+- :mod:`~kvcompact.agent.checkpoint`: atomic, checksummed checkpoint directories.
+
+Heavy dependencies (tiktoken, matplotlib, safetensors, transformers) are imported on first use.
+"""
+
+from kvcompact.agent.messages import ROLES, IdGenerator, Message, as_message, message_ref, new_message_id
+from kvcompact.agent.template import (Increment, RenderState, TemplateError, TemplateNotPrefixStable,
+                                      TemplateRenderer)
+from kvcompact.agent.checkpoint import CheckpointError, model_identity, read_checkpoint, write_checkpoint
+from kvcompact.agent.compaction import (CompactedMessages, CompactionPlan, Drop, Truncation, apply_plan,
+                                        compact_messages, plan_compaction)
+from kvcompact.agent.tracker import ContextGrowthWarning, MemoryTracker, StepRecord
+
+__all__ = ["ROLES", "IdGenerator", "Message", "as_message", "message_ref", "new_message_id",
+           "Increment", "RenderState", "TemplateError", "TemplateNotPrefixStable", "TemplateRenderer",
+           "ContextGrowthWarning", "MemoryTracker", "StepRecord",
+           "CompactedMessages", "CompactionPlan", "Drop", "Truncation", "apply_plan", "compact_messages",
+           "plan_compaction",
+           "CheckpointError", "model_identity", "read_checkpoint", "write_checkpoint"]
