@@ -333,3 +333,51 @@ def estimate(args: argparse.Namespace) -> int:
     else:
         _print_estimate(report, sys.stdout)
     return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="kvcompact-demo", metavar="DIR",
+                   help="folder for demo.json and demo.png (default: ./kvcompact-demo)")
+    p.add_argument("--steps", type=_positive_int, default=24, metavar="N",
+                   help="tool calls in the scripted session (default 24, at most 24)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs (auto: a GPU when there is one)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=12, metavar="N",
+                   help="tokens the model generates after each observation (default 12)")
+
+
+@command(
+    "demo",
+    help="run a scripted agent session with DynamicCache and with kvcompact, side by side",
+    arguments=_demo_arguments,
+    description=(
+        "The main job: a scripted coding-agent session (24 tool calls with real file reads,\n"
+        "test logs and a docs page) on the embedded SmolLM2-135M-Instruct model, run once with\n"
+        "transformers' DynamicCache and once with kvcompact (fp8 KV, observation budgets and\n"
+        "a token budget applied as in-place cache edits). Prints a live table, a summary, and\n"
+        "writes demo.json and demo.png to --out."
+    ),
+)
+def demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvcompact.demo.report import LiveTable, print_summary, write_outputs
+    from kvcompact.demo.runner import DemoConfig, run_demo
+    from kvcompact.demo.script import build_steps
+    from kvcompact.models import load_default
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    steps = min(args.steps, len(build_steps()))
+    print(f"kvcompact demo: loading the embedded model on {device} ...", flush=True)
+    model, tokenizer = load_default(device=device)
+    cfg = DemoConfig(steps=steps, max_new_tokens=args.max_new_tokens)
+    table = LiveTable(steps)
+    table.header()
+    result = run_demo(model, tokenizer, cfg, on_step=table.row)
+    print_summary(result)
+    paths = write_outputs(result, args.out)
+    print(f"\nwrote {paths['json']} and {paths['plot']}")
+    return 0

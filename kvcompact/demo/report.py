@@ -1,0 +1,95 @@
+"""What ``kvcompact demo`` shows: a live per-step table, a summary, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from kvcompact.memory import format_bytes
+
+COLUMNS = ("step", "tool", "ctx dense", "ctx kvc", "KV dense", "KV kvc", "ratio", "prefill avoided")
+
+
+def _fmt_bytes(n: int) -> str:
+    return format_bytes(n)
+
+
+class LiveTable:
+    """Prints one row per step with a progress counter, flushed as it goes."""
+
+    def __init__(self, total_steps: int, out=sys.stdout):
+        self.total = total_steps
+        self.out = out
+        self.avoided = 0
+
+    def header(self) -> None:
+        print(f"{'step':>7} {'tool':<34} {'ctx dense':>9} {'ctx kvc':>8} {'KV dense':>11} "
+              f"{'KV kvc':>11} {'ratio':>6} {'prefill avoided':>15}", file=self.out)
+
+    def row(self, r) -> None:
+        self.avoided += r.prefill_avoided
+        tool = r.tool if len(r.tool) <= 34 else r.tool[:31] + "..."
+        ratio = r.compact_kv_bytes / max(r.dense_kv_bytes, 1)
+        print(f"{r.step:>3}/{self.total:<3} {tool:<34} {r.dense_context:>9,} {r.compact_context:>8,} "
+              f"{_fmt_bytes(r.dense_kv_bytes):>11} {_fmt_bytes(r.compact_kv_bytes):>11} {ratio:>6.2f} "
+              f"{self.avoided:>15,}", file=self.out, flush=True)
+
+
+def print_summary(result, out=sys.stdout) -> None:
+    s = result.summary()
+    print("\nSummary", file=out)
+    print(f"  model                 {result.model} on {result.device}", file=out)
+    print(f"  steps                 {s['steps']} tool calls, each followed by a model reply", file=out)
+    print(f"  peak KV bytes         dense {_fmt_bytes(s['peak_kv_bytes_dense'])}  kvcompact "
+          f"{_fmt_bytes(s['peak_kv_bytes_kvcompact'])}  ({100 * s['peak_kv_ratio']:.1f}% of dense)", file=out)
+    print(f"  final context         dense {s['final_context_dense']:,} tokens  kvcompact "
+          f"{s['final_context_kvcompact']:,} tokens", file=out)
+    print(f"  edits in place        {s['edits'].get('replaced', 0)} tool outputs truncated, "
+          f"{s['edits'].get('dropped', 0)} dropped", file=out)
+    print(f"  tokens re-prefilled   {s['tokens_reprefilled']} (a message-level compactor without KV "
+          f"editing would have re-prefilled {s['prefill_tokens_avoided']:,})", file=out)
+    print(f"  same answers          {s['same_answers']}/{s['steps']} steps", file=out)
+    print(f"  wall time             dense {s['dense_seconds']:.1f} s, kvcompact {s['kvcompact_seconds']:.1f} s",
+          file=out)
+
+
+def write_outputs(result, out_dir: str) -> dict:
+    """Writes demo.json and demo.png into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "demo.json")
+    with open(json_path, "w") as f:
+        json.dump(result.to_dict(), f, indent=2)
+    png_path = os.path.join(out_dir, "demo.png")
+    plot(result, png_path)
+    return {"json": json_path, "plot": png_path}
+
+
+def plot(result, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r.step for r in result.steps]
+    mib = 1024 * 1024
+    fig, (ax_bytes, ax_tokens) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_bytes.plot(steps, [r.dense_kv_bytes / mib for r in result.steps], "o-", label="DynamicCache")
+    ax_bytes.plot(steps, [r.compact_kv_bytes / mib for r in result.steps], "s-",
+                  label=f"kvcompact ({result.config.kv_dtype}, in-place edits)")
+    ax_bytes.set_xlabel("agent step")
+    ax_bytes.set_ylabel("KV cache (MiB)")
+    ax_bytes.set_title("KV bytes per step")
+    ax_bytes.legend()
+    ax_bytes.grid(alpha=0.3)
+    ax_tokens.plot(steps, [r.dense_context for r in result.steps], "o-", label="DynamicCache")
+    ax_tokens.plot(steps, [r.compact_context for r in result.steps], "s-", label="kvcompact")
+    ax_tokens.set_xlabel("agent step")
+    ax_tokens.set_ylabel("tokens in context")
+    ax_tokens.set_title("Context tokens per step")
+    ax_tokens.legend()
+    ax_tokens.grid(alpha=0.3)
+    fig.suptitle(f"kvcompact demo: {result.model}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
