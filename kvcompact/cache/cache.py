@@ -5,7 +5,7 @@ Example
 >>> from kvcompact.cache import KVCompactCache
 >>> cache = KVCompactCache(model.config, kv_dtype="fp8_e4m3")
 >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
->>> cache.stats().device_bytes / cache.stats().dense_bytes   # ~0.56 for a bf16 model
+>>> s = cache.stats(); s.device_bytes / s.dense_bytes   # 0.5625 for a bf16 model (codes + fp32 scale per 32)
 """
 
 from __future__ import annotations
@@ -48,13 +48,16 @@ class CacheStats:
     physical_tokens : list of int
         Tokens held per layer (0 for layers holding no cache).
     device_bytes : int
-        Device memory the cache holds: every buffer at its capacity, plus the shared workspace.
+        Device memory of the stored tokens: every buffer at its capacity (codes, scales, residual
+        window). The dequantization workspace is scratch, reported apart in ``workspace_bytes``;
+        peak device memory of the cache is ``device_bytes + workspace_bytes``.
     host_bytes : int
         Pinned host memory held (0 until offloading lands).
     dense_bytes : int
         What the held (physical) tokens would take as K and V in the model dtype.
     workspace_bytes : int
-        The part of ``device_bytes`` that is the dequantization workspace.
+        The shared dequantization workspace: at most one layer's K and V in the model dtype
+        (0 for lossless storage).
     """
 
     logical_tokens: int
@@ -212,7 +215,7 @@ class KVCompactCache(compat.Cache):
         return CacheStats(
             logical_tokens=self.get_seq_length(),
             physical_tokens=[layer.physical_len if isinstance(layer, KVCompactLayer) else 0 for layer in self.layers],
-            device_bytes=sum(layer.storage.nbytes for layer in attention) + ws,
+            device_bytes=sum(layer.storage.nbytes for layer in attention),
             host_bytes=0,
             dense_bytes=sum(layer.storage.dense_bytes(layer.physical_len) for layer in attention),
             workspace_bytes=ws,
