@@ -415,6 +415,50 @@ def test_compact_keeps_logical_length_and_rows_may_differ():
     torch.testing.assert_close(layer.values, -expect)
 
 
+class _NewestPolicy:
+    """A duck-typed policy: keeps the newest tokens; records what the cache hands it."""
+
+    def __init__(self, pyramid=False):
+        self.calls = []
+        self.pyramid = pyramid
+
+    def layer_budget(self, i, num_layers, budget):
+        return budget + 8 * i if self.pyramid else budget
+
+    def validate(self, budget, num_layers):
+        if budget < 8:
+            raise ValueError("budget too small for this policy")
+
+    def keep_indices(self, layer, budget, *, keys, values, layer_idx, observed):
+        self.calls.append((layer_idx, tuple(keys.shape), observed))
+        t = keys.shape[2]
+        return torch.arange(t - budget, t).expand(keys.shape[0], keys.shape[1], budget).contiguous()
+
+
+@requires_ops
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_policy_object_gets_physical_kv_layer_idx_and_own_budget(kv_dtype):
+    model = tiny_model("llama", "eager")
+    policy = _NewestPolicy()
+    cache = KVCompactCache(model.config, kv_dtype=kv_dtype, budget=16, policy=policy)
+    cache.observed[1] = "captured"
+    g = torch.Generator().manual_seed(10)
+    _decode_logits(model, cache, torch.randint(1, 96, (1, 40), generator=g), 10, torch.randint(1, 96, (1, 10), generator=g))
+    assert [c[0] for c in policy.calls[:2]] == [0, 1]
+    assert policy.calls[0][1] == (1, 2, 40, 16)  # what attention read: all 40 prefill tokens
+    assert policy.calls[1][2] == "captured" and policy.calls[0][2] is None
+    assert all(16 <= layer.physical_len <= 16 + 2 for layer in cache.layers)
+    with pytest.raises(ValueError, match="too small"):
+        KVCompactCache(model.config, budget=6, policy=policy)
+    # One mask serves all full-attention layers, so per-layer budgets are refused up front ...
+    with pytest.raises(ValueError, match="per-layer budgets"):
+        KVCompactCache(model.config, budget=16, policy=_NewestPolicy(pyramid=True))
+    # ... and unequal manual compaction is caught before attention sees a wrong-width mask.
+    cache.layers[0].compact(torch.arange(4).expand(1, 2, 4).contiguous())
+    with pytest.raises(RuntimeError, match="same K"), torch.no_grad():
+        model(input_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+
+
 def test_streaming_keep_idx_shape_and_order():
     idx = streaming_keep_idx(2, 3, 100, 10, "cpu")
     assert idx.shape == (2, 3, 10) and idx.dtype == torch.int64
@@ -552,7 +596,8 @@ def test_unpadded_batch_with_eviction_equals_rows_run_alone():
         (dict(budget=4), "budget"),
         (dict(budget=0), "budget"),
         (dict(budget=10.5), "budget"),
-        (dict(budget=64, policy="snapkv"), "policy"),
+        (dict(budget=64, policy="no-such-policy"), "policy"),
+        (dict(budget=64, policy=object()), "policy"),
         (dict(policy="streaming"), "budget"),
         (dict(offload="layers"), "offload"),
         (dict(residual=4), "residual"),

@@ -83,10 +83,14 @@ class KVCompactCache(compat.Cache):
     budget : int, optional
         Max physical tokens per full-attention layer after an eviction; layers may exceed it by
         ``slack = max(1, budget // 8)`` between evictions. None = keep everything.
-    policy : None, "streaming", or object
-        Eviction rule when ``budget`` is set. None/"streaming" keep 4 sink tokens and the newest
-        ``budget - 4``. An object must provide ``keep_indices(layer, budget) -> keep_idx``
-        ``[B, H, budget]`` int64 (the interface ``kvcompact.policies`` implements).
+    policy : None, str, or object
+        Eviction rule when ``budget`` is set. None keeps 4 sink tokens and the newest
+        ``budget - 4`` (StreamingLLM, built in). A name is resolved by
+        ``kvcompact.policies.get_policy`` ("streaming" works without that package). An object
+        must provide ``keep_indices(layer, budget, *, keys, values, layer_idx, observed) ->
+        keep_idx [B, H, K]`` (``kvcompact.policies.Policy``); its ``validate(budget, num_layers)``
+        is called here, so a bad budget fails at construction. Per-layer budgets (a policy whose
+        ``layer_budget`` differs by layer, e.g. a pyramid schedule) are refused: see Notes.
     offload : None
         Only None for now; "layers"/"idle" arrive with ``kvcompact.offload``.
     residual : int
@@ -98,6 +102,11 @@ class KVCompactCache(compat.Cache):
       returns its PHYSICAL tokens and ``get_mask_sizes`` says so, as in transformers'
       ``DynamicSlidingWindowLayer``. ``generate``, hand-written loops and multi-turn reuse keep
       positions right after eviction.
+    * Every full-attention layer holds the same number of physical tokens. transformers builds ONE
+      attention mask for all full-attention layers from the first one's ``get_mask_sizes``; a
+      layer holding a different count would be handed a mask of the wrong width (eager attention
+      fails, a multi-token chunk would be masked at the wrong columns). Hence one budget for all
+      full layers, and ``get_mask_sizes`` raises if a manual ``layer.compact`` left them unequal.
     * Left padding + eviction is refused: the 2-D padding mask is indexed as if kept tokens were
       contiguous, so a padded row would see pads as real tokens (and real tokens masked). Batch 1,
       or a batch declared unpadded with :meth:`note_attention_mask`, may evict; a batch > 1 that
@@ -122,15 +131,27 @@ class KVCompactCache(compat.Cache):
         text = config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         group_size = self._check_args(kv_dtype, group_size, budget, policy, offload, residual, head_dim)
+        kinds = compat.layer_kinds(config)
+        policy = self._resolve_policy(policy, budget, len(kinds))
         self.kv_dtype, self.group_size, self.residual = kv_dtype, group_size, residual
         self.budget, self.policy, self.offload_mode = budget, policy, offload
         self.slack = max(1, budget // 8) if budget is not None else 0
         self.workspace = Workspace()
+        self.observed: dict = {}  # layer_idx -> captured queries; filled by kvcompact.attach
         self._padded: bool | None = None  # None: not declared; see note_attention_mask
 
         layers = []
-        for layer_type, window in compat.layer_kinds(config):
+        for i, (layer_type, window) in enumerate(kinds):
             if compat.is_full(layer_type) or compat.is_windowed(layer_type):
+                layer_budget = budget
+                if budget is not None and hasattr(policy, "layer_budget"):
+                    layer_budget = policy.layer_budget(i, len(kinds), budget)
+                    if layer_budget != budget and compat.is_full(layer_type):
+                        raise ValueError(
+                            f"policy: per-layer budgets are not supported (layer {i} would get {layer_budget}, "
+                            f"not {budget}): transformers builds one attention mask for all full-attention layers, "
+                            "so they must hold the same number of tokens; use a uniform schedule"
+                        )
                 layers.append(
                     KVCompactLayer(
                         fmt=kv_dtype,
@@ -138,10 +159,11 @@ class KVCompactCache(compat.Cache):
                         residual=residual,
                         workspace=self.workspace,
                         window=window if compat.is_windowed(layer_type) else None,
-                        budget=budget,
-                        slack=self.slack,
+                        budget=layer_budget,
+                        slack=max(1, layer_budget // 8) if layer_budget is not None else 0,
                         select=self._select,
                         guard=self._check_evictable,
+                        layer_idx=i,
                     )
                 )
             elif layer_type == "dummy" and compat.dummy_layer() is not None:
@@ -167,11 +189,8 @@ class KVCompactCache(compat.Cache):
             raise ValueError("residual applies to quantized storage only; set kv_dtype or leave residual=0")
         if budget is not None and (not isinstance(budget, int) or budget <= SINKS):
             raise ValueError(f"budget must be an int > {SINKS} (the sink tokens always kept), got {budget!r}")
-        if policy is not None and policy != "streaming" and not hasattr(policy, "keep_indices"):
-            raise ValueError(
-                f"policy must be None, 'streaming', or an object with keep_indices(layer, budget); got {policy!r} "
-                "(named policies such as 'snapkv' arrive with kvcompact.policies)"
-            )
+        if policy is not None and not isinstance(policy, str) and not hasattr(policy, "keep_indices"):
+            raise ValueError(f"policy must be None, a name, or an object with keep_indices(...); got {policy!r}")
         if policy is not None and budget is None:
             raise ValueError("policy needs a budget: pass budget=<max tokens per layer>")
         if offload is not None:
@@ -180,12 +199,36 @@ class KVCompactCache(compat.Cache):
 
     # -- eviction --------------------------------------------------------------------------------
 
-    def _select(self, layer: KVCompactLayer, budget: int) -> torch.Tensor:
-        """The eviction rule: the policy's choice, or the built-in streaming rule."""
-        if self.policy is None or self.policy == "streaming":
+    @staticmethod
+    def _resolve_policy(policy, budget, num_layers):
+        """A name becomes a policy object (via kvcompact.policies when present); validate budgets."""
+        if isinstance(policy, str):
+            try:
+                from kvcompact.policies import get_policy
+            except ImportError:
+                if policy != "streaming":
+                    raise ValueError(
+                        f"policy {policy!r} needs kvcompact.policies, which is not installed; use None or 'streaming'"
+                    ) from None
+                return None  # the built-in rule is the streaming policy
+            policy = get_policy(policy)
+        if policy is not None and budget is not None and hasattr(policy, "validate"):
+            policy.validate(budget, num_layers)
+        return policy
+
+    def _select(self, layer: KVCompactLayer, budget: int, keys=None, values=None) -> torch.Tensor:
+        """The eviction rule: the policy's choice, or the built-in streaming rule.
+
+        ``keys``/``values`` ``[B, H, T, D]`` are what attention reads this step (for 8-bit storage,
+        the dequantized workspace), so a scoring policy does not dequantize a second time.
+        """
+        if self.policy is None:
             s = layer.storage
             return streaming_keep_idx(s.batch, s.heads, s.length, budget, s.device)
-        return self.policy.keep_indices(layer, budget)
+        return self.policy.keep_indices(
+            layer, budget, keys=keys, values=values, layer_idx=layer.layer_idx,
+            observed=self.observed.get(layer.layer_idx),
+        )
 
     def note_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
         """Declare the 2-D padding mask ``[B, T]`` of the batch in this cache (None = unpadded).
@@ -205,6 +248,23 @@ class KVCompactCache(compat.Cache):
                 f"KVCompactCache: evicting a batch of {layer.storage.batch} needs an unpadded batch; call "
                 "cache.note_attention_mask(attention_mask) first (eviction with left padding is not supported)"
             )
+
+    def get_mask_sizes(self, query_length, layer_idx: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of ``layer_idx`` (query length or, before 5.4, cache_position).
+
+        transformers calls this once per layer TYPE and reuses the mask for every layer of that
+        type, so all full-attention layers must agree; a clear error beats a shape error deep in
+        attention (or, worse, a silently misplaced causal mask).
+        """
+        if layer_idx >= len(self.layers):
+            return compat.query_length(query_length), 0
+        full = {l.physical_len for l in self.layers if isinstance(l, KVCompactLayer) and not l.is_sliding}
+        if len(full) > 1:
+            raise RuntimeError(
+                f"KVCompactCache: full-attention layers hold different token counts {sorted(full)}; transformers "
+                "uses one mask for all of them, so compact every full-attention layer to the same K"
+            )
+        return self.layers[layer_idx].get_mask_sizes(query_length)
 
     # -- API beyond transformers' ----------------------------------------------------------------
 
@@ -256,6 +316,13 @@ class KVCompactCache(compat.Cache):
                     layer.crop(-m)  # raises with the layer's explanation
         for layer in self.layers:
             layer.crop(-m)
+
+    def reset(self) -> None:
+        """Drop every token; captured queries and per-run policy state go too."""
+        super().reset()
+        self.observed.clear()
+        if hasattr(self.policy, "reset"):
+            self.policy.reset()
 
     def release_workspace(self) -> None:
         """Free the dequantization workspace (it is re-allocated by the next quantized update)."""

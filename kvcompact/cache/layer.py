@@ -48,9 +48,12 @@ class KVCompactLayer(compat.CacheLayerMixin):
         Tokens the layer may grow past ``budget`` before the next eviction, so eviction runs once
         per ``slack`` decode steps rather than every step.
     select : callable
-        ``select(layer, budget) -> keep_idx`` ``[B, H, budget]`` int64: the eviction rule.
+        ``select(layer, budget, keys, values) -> keep_idx`` ``[B, H, K]`` int64: the eviction rule;
+        ``keys``/``values`` are the physical K/V attention reads this step.
     guard : callable
         Called with the layer before any eviction; raises if the cache cannot evict safely.
+    layer_idx : int or None
+        The layer's index in the model (policies use it to find captured queries).
     """
 
     is_compileable = False
@@ -66,8 +69,10 @@ class KVCompactLayer(compat.CacheLayerMixin):
         slack: int = 1,
         select: Callable | None = None,
         guard: Callable | None = None,
+        layer_idx: int | None = None,
     ):
         super().__init__()
+        self.layer_idx = layer_idx
         self.window = window
         self.is_sliding = window is not None
         self.budget = None if self.is_sliding else budget
@@ -107,8 +112,12 @@ class KVCompactLayer(compat.CacheLayerMixin):
 
     @property
     def is_croppable(self) -> bool:
-        """Whether ``crop`` can roll back any number of tokens (true until something is evicted)."""
-        return not self.is_sliding and self._tail_contiguous == self.storage.length == self._logical
+        """Whether ``crop`` can roll tokens back: true until something is evicted.
+
+        Windowed layers say True like transformers' own (a crop deeper than what they still hold
+        raises a clear error instead).
+        """
+        return self.is_sliding or self._tail_contiguous == self.storage.length == self._logical
 
     # -- transformers' hooks ---------------------------------------------------------------------
 
@@ -151,7 +160,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
                 # Lossless views alias the buffers that compaction rewrites; this step's attention
                 # still needs the pre-eviction tokens. One copy per eviction, i.e. per `slack` steps.
                 keys, values = keys.clone(), values.clone()
-            self.compact(self.select(self, budget))
+            self.compact(self.select(self, budget, keys, values))
         return keys, values
 
     def _update_windowed(self, key_states, value_states, q):
