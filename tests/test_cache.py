@@ -281,6 +281,13 @@ def test_quantized_storage_roundtrip_and_exact_new_tokens(kv_dtype):
     torch.testing.assert_close(keys[:, :, :69], expect[:, :, :69], atol=0, rtol=0)
     torch.testing.assert_close(keys[:, :, 69], k[:, :, 69])
     assert not torch.equal(keys[:, :, :69], k[:, :, :69])
+    # Reading another layer's keys (as a policy might) must not clobber the workspace that
+    # attention is reading right now.
+    cache.update(k[:, :, :3], v[:, :, :3], 1)
+    keys, _ = cache.update(k[:, :, 69:70], v[:, :, 69:70], 0)
+    before = keys.clone()
+    other = cache.layers[1].keys
+    assert other.shape == (2, 2, 3, 16) and torch.equal(keys, before)
 
 
 @requires_ops

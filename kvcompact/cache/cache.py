@@ -71,6 +71,13 @@ class CacheStats:
 class KVCompactCache(compat.Cache):
     """A ``transformers.Cache`` over preallocated, optionally 8-bit buffers with token budgets.
 
+    Example
+    -------
+    >>> cache = KVCompactCache(model.config, kv_dtype="int8", budget=1024)
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    >>> cache.stats().physical_tokens[0] <= 1024 + cache.slack
+    True
+
     Parameters
     ----------
     config : transformers.PretrainedConfig

@@ -265,7 +265,11 @@ class KVCompactLayer(compat.CacheLayerMixin):
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """Physical keys ``[B, H, physical, D]`` (dequantized copy when quantized); None before use."""
+        """Physical keys ``[B, H, physical, D]``; None before use.
+
+        Lossless: a view of the buffer. Quantized: a fresh dequantized copy (the shared workspace,
+        which attention may be reading, is left alone).
+        """
         return self._kv()[0]
 
     @property
@@ -286,8 +290,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
     def _kv(self):
         if not self.is_initialized:
             return None, None
-        k, v = self.storage.view()
-        return (k, v) if self.storage.fmt is None else (k.clone(), v.clone())
+        return self.storage.view(fresh=True)
 
     def __repr__(self):
         kind = f"window={self.window}" if self.is_sliding else f"budget={self.budget}"

@@ -183,7 +183,7 @@ class TokenStore:
         self.value_shadow[:, :, s : s + q].copy_(value)
         self.shadow_len = s + q
 
-    def view(self, start: int = 0, exact_key=None, exact_value=None):
+    def view(self, start: int = 0, exact_key=None, exact_value=None, fresh: bool = False):
         """Keys and values at physical rows ``[start, length)``, ``[B, H, length - start, D]``.
 
         Lossless: slices of the buffers (valid until this layer's next update). Quantized:
@@ -191,6 +191,8 @@ class TokenStore:
         then the newest tokens are overwritten with exact values: the residual shadow, and
         ``exact_key``/``exact_value`` ``[B, H, Q, D]`` (the tokens just appended), which are free to
         use -- a query attending to its own chunk need not see quantization error.
+        ``fresh=True`` dequantizes into new tensors instead, leaving the workspace (which
+        attention may be reading) alone.
         """
         n = self.length
         if self.fmt is None:
@@ -198,7 +200,11 @@ class TokenStore:
         from kvcompact import ops
 
         shape = (self.batch, self.heads, n - start, self.head_dim)
-        key_out, value_out = self.workspace.take(shape, self.dtype, self.device)
+        if fresh:
+            key_out = torch.empty(shape, dtype=self.dtype, device=self.device)
+            value_out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        else:
+            key_out, value_out = self.workspace.take(shape, self.dtype, self.device)
         ops.dequantize_into_(self.key_codes[:, :, start:n], self.key_scales[:, :, start:n], key_out)
         ops.dequantize_into_(self.value_codes[:, :, start:n], self.value_scales[:, :, start:n], value_out)
         r = min(self.residual, self.shadow_len, n - start)
