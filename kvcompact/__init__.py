@@ -40,4 +40,25 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["FORMATS", "build_info", "ops"]
+# The transformers-facing names import transformers, which takes seconds; load
+# them on first use so `import kvcompact` (and `kvcompact estimate`) stays fast.
+_LAZY = {
+    "KVCompactCache": ("kvcompact.cache", "KVCompactCache"),
+    "KVCompactLayer": ("kvcompact.cache", "KVCompactLayer"),
+    "CacheStats": ("kvcompact.cache", "CacheStats"),
+    "attach": ("kvcompact.policies", "attach"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvcompact' has no attribute {name!r}")
+
+
+__all__ = ["FORMATS", "build_info", "ops", *_LAZY]
