@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.14.1
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 
-.PHONY: setup build demo test test-cpp test-py test-cpu-variant clean
+.PHONY: setup build demo test test-cpp test-py test-cpu-variant test-tf-oldest clean
 
 $(VENV)/.deps-ok: requirements-test.txt
 	python3 -m venv $(VENV)
@@ -52,7 +52,16 @@ test-cpu-variant: setup
 	cd tests && PYTHONPATH=../build/cpu-variant ../$(PY) -c "import kvcompact; info = kvcompact.build_info(); print('cpu variant:', info); assert not info['cuda_kernels']"
 	cd tests && PYTHONPATH=../build/cpu-variant KVCOMPACT_FUZZ_EXAMPLES=200 ../$(PY) -m pytest -q -p no:cacheprovider test_quantize.py
 
-test: test-cpp test-py test-cpu-variant
+# The cache against the oldest supported transformers line: that release and
+# its own dependencies go into a side folder that shadows the newest ones.
+TF_OLDEST ?= transformers>=4.57,<4.58
+test-tf-oldest: build
+	rm -rf build/tf-oldest
+	$(PIP) install -q --target build/tf-oldest "$(TF_OLDEST)"
+	cd tests && PYTHONPATH=../build/tf-oldest ../$(PY) -c "import transformers; print('oldest transformers line:', transformers.__version__)"
+	cd tests && PYTHONPATH=../build/tf-oldest ../$(PY) -m pytest -q -p no:cacheprovider --import-mode=append test_cache.py
+
+test: test-cpp test-py test-cpu-variant test-tf-oldest
 
 clean:
 	rm -rf build dist *.egg-info kvcompact/_C*.so
