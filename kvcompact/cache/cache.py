@@ -1,0 +1,342 @@
+"""``KVCompactCache``: a transformers ``Cache`` with 8-bit storage, token budgets and honest stats.
+
+Example
+-------
+>>> from kvcompact.cache import KVCompactCache
+>>> cache = KVCompactCache(model.config, kv_dtype="fp8_e4m3")
+>>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+>>> s = cache.stats(); s.device_bytes / s.dense_bytes   # 0.5625 for a bf16 model (codes + fp32 scale per 32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcompact.cache import compat
+from kvcompact.cache.layer import KVCompactLayer
+from kvcompact.cache.storage import FORMATS, Workspace
+from kvcompact.cache.streaming import SINKS, streaming_keep_idx
+
+__all__ = ["KVCompactCache", "CacheStats", "default_group_size"]
+
+# Default scale group along head_dim, per format, chosen from DESIGN.md's SmolLM2-135M measurements
+# (teacher-forced perplexity ratio to dense, 256 tokens after a 1,024-token context):
+#   one scale per token-head: fp8_e4m3 x1.0083, fp8_e5m2 x1.0044, int8 x1.0008
+#   groups of 32:             fp8_e4m3 x1.0005,                   int8 x1.0012
+# SmolLM2's keys have outlier channels; with one scale per head, e4m3 (max 448, 3 mantissa bits)
+# loses the small channels, and groups of 32 recover them for 4 scale bytes per 32 codes (+12.5%).
+# int8's uniform grid already does as well per head, so it keeps the cheaper whole-head scale.
+_DEFAULT_GROUP = {"fp8_e4m3": 32, "fp8_e5m2": 32, "int8": None}
+
+
+def default_group_size(kv_dtype: str, head_dim: int) -> int | None:
+    """Group size used when ``group_size=None``: see ``_DEFAULT_GROUP``; whole head if 32 does not divide D."""
+    g = _DEFAULT_GROUP[kv_dtype]
+    return g if g is not None and head_dim % g == 0 and head_dim > g else None
+
+
+@dataclass
+class CacheStats:
+    """Sizes of a ``KVCompactCache`` at one moment.
+
+    Attributes
+    ----------
+    logical_tokens : int
+        Tokens the cache has seen (the model's position counter).
+    physical_tokens : list of int
+        Tokens held per layer (0 for layers holding no cache).
+    device_bytes : int
+        Device memory of the stored tokens: every buffer at its capacity (codes, scales, residual
+        window). The dequantization workspace is scratch, reported apart in ``workspace_bytes``;
+        peak device memory of the cache is ``device_bytes + workspace_bytes``.
+    host_bytes : int
+        Pinned host memory held (0 until offloading lands).
+    dense_bytes : int
+        What the held (physical) tokens would take as K and V in the model dtype.
+    workspace_bytes : int
+        The shared dequantization workspace: at most one layer's K and V in the model dtype
+        (0 for lossless storage).
+    """
+
+    logical_tokens: int
+    physical_tokens: list[int] = field(default_factory=list)
+    device_bytes: int = 0
+    host_bytes: int = 0
+    dense_bytes: int = 0
+    workspace_bytes: int = 0
+
+
+class KVCompactCache(compat.Cache):
+    """A ``transformers.Cache`` over preallocated, optionally 8-bit buffers with token budgets.
+
+    Example
+    -------
+    >>> cache = KVCompactCache(model.config, kv_dtype="int8", budget=1024)
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    >>> cache.stats().physical_tokens[0] <= 1024 + cache.slack
+    True
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        The model config; layer types (full / sliding / chunked) and head_dim come from it.
+    kv_dtype : {None, "fp8_e4m3", "fp8_e5m2", "int8"}
+        Storage format. None stores the model dtype and is exact (same outputs as ``DynamicCache``).
+    group_size : int, optional
+        Elements of head_dim per fp32 scale. Default: 32 for fp8, whole head for int8 (see
+        ``_DEFAULT_GROUP`` for the measurements behind it).
+    budget : int, optional
+        Max physical tokens per full-attention layer after an eviction; layers may exceed it by
+        ``slack = max(1, budget // 8)`` between evictions. None = keep everything.
+    policy : None, str, or object
+        Eviction rule when ``budget`` is set. None keeps 4 sink tokens and the newest
+        ``budget - 4`` (StreamingLLM, built in). A name is resolved by
+        ``kvcompact.policies.get_policy`` ("streaming" works without that package). An object
+        must provide ``keep_indices(layer, budget, *, keys, values, layer_idx, observed) ->
+        keep_idx [B, H, K]`` (``kvcompact.policies.Policy``); its ``validate(budget, num_layers)``
+        is called here, so a bad budget fails at construction. Per-layer budgets (a policy whose
+        ``layer_budget`` differs by layer, e.g. a pyramid schedule) are refused: see Notes.
+    offload : None
+        Only None for now; "layers"/"idle" arrive with ``kvcompact.offload``.
+    residual : int
+        Newest tokens per layer also kept in full precision (quantized formats only).
+
+    Notes
+    -----
+    * Lengths: ``get_seq_length()`` is the LOGICAL length (tokens seen); each layer's ``update``
+      returns its PHYSICAL tokens and ``get_mask_sizes`` says so, as in transformers'
+      ``DynamicSlidingWindowLayer``. ``generate``, hand-written loops and multi-turn reuse keep
+      positions right after eviction.
+    * Every full-attention layer holds the same number of physical tokens. transformers builds ONE
+      attention mask for all full-attention layers from the first one's ``get_mask_sizes``; a
+      layer holding a different count would be handed a mask of the wrong width (eager attention
+      fails, a multi-token chunk would be masked at the wrong columns). Hence one budget for all
+      full layers, and ``get_mask_sizes`` raises if a manual ``layer.compact`` left them unequal.
+    * Left padding + eviction is refused: the 2-D padding mask is indexed as if kept tokens were
+      contiguous, so a padded row would see pads as real tokens (and real tokens masked). Batch 1,
+      or a batch declared unpadded with :meth:`note_attention_mask`, may evict; a batch > 1 that
+      was not declared raises ``ValueError`` at the first eviction. Without eviction, padding works
+      exactly as with ``DynamicCache``.
+    * Returned K/V: lossless layers return views of their buffers (valid until that layer's next
+      update); quantized layers return the shared workspace (valid until the next quantized update
+      of any layer) -- attention consumes them before the next layer runs.
+    """
+
+    def __init__(
+        self,
+        config,
+        *,
+        kv_dtype: str | None = None,
+        group_size: int | None = None,
+        budget: int | None = None,
+        policy=None,
+        offload=None,
+        residual: int = 0,
+    ):
+        text = config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        group_size = self._check_args(kv_dtype, group_size, budget, policy, offload, residual, head_dim)
+        kinds = compat.layer_kinds(config)
+        policy = self._resolve_policy(policy, budget, len(kinds))
+        self.kv_dtype, self.group_size, self.residual = kv_dtype, group_size, residual
+        self.budget, self.policy, self.offload_mode = budget, policy, offload
+        self.slack = max(1, budget // 8) if budget is not None else 0
+        self.workspace = Workspace()
+        self.observed: dict = {}  # layer_idx -> captured queries; filled by kvcompact.attach
+        self._padded: bool | None = None  # None: not declared; see note_attention_mask
+
+        layers = []
+        for i, (layer_type, window) in enumerate(kinds):
+            if compat.is_full(layer_type) or compat.is_windowed(layer_type):
+                layer_budget = budget
+                if budget is not None and hasattr(policy, "layer_budget"):
+                    layer_budget = policy.layer_budget(i, len(kinds), budget)
+                    if layer_budget != budget and compat.is_full(layer_type):
+                        raise ValueError(
+                            f"policy: per-layer budgets are not supported (layer {i} would get {layer_budget}, "
+                            f"not {budget}): transformers builds one attention mask for all full-attention layers, "
+                            "so they must hold the same number of tokens; use a uniform schedule"
+                        )
+                layers.append(
+                    KVCompactLayer(
+                        fmt=kv_dtype,
+                        group_size=group_size,
+                        residual=residual,
+                        workspace=self.workspace,
+                        window=window if compat.is_windowed(layer_type) else None,
+                        budget=layer_budget,
+                        slack=max(1, layer_budget // 8) if layer_budget is not None else 0,
+                        select=self._select,
+                        guard=self._check_evictable,
+                        layer_idx=i,
+                    )
+                )
+            elif layer_type == "dummy" and compat.dummy_layer() is not None:
+                layers.append(compat.dummy_layer())
+            else:
+                raise ValueError(f"KVCompactCache: layer type {layer_type!r} is not supported (attention layers only)")
+        super().__init__(layers=layers)
+
+    @staticmethod
+    def _check_args(kv_dtype, group_size, budget, policy, offload, residual, head_dim):
+        if kv_dtype is not None and kv_dtype not in FORMATS:
+            raise ValueError(f"kv_dtype must be None or one of {sorted(FORMATS)}, got {kv_dtype!r}")
+        if group_size is not None:
+            if kv_dtype is None:
+                raise ValueError("group_size applies to quantized storage only; set kv_dtype or leave group_size=None")
+            if not isinstance(group_size, int) or group_size <= 0 or head_dim % group_size:
+                raise ValueError(f"group_size must be a positive divisor of head_dim={head_dim}, got {group_size!r}")
+        elif kv_dtype is not None:
+            group_size = default_group_size(kv_dtype, head_dim)
+        if not isinstance(residual, int) or residual < 0:
+            raise ValueError(f"residual must be an int >= 0, got {residual!r}")
+        if residual and kv_dtype is None:
+            raise ValueError("residual applies to quantized storage only; set kv_dtype or leave residual=0")
+        if budget is not None and (not isinstance(budget, int) or budget <= SINKS):
+            raise ValueError(f"budget must be an int > {SINKS} (the sink tokens always kept), got {budget!r}")
+        if policy is not None and not isinstance(policy, str) and not hasattr(policy, "keep_indices"):
+            raise ValueError(f"policy must be None, a name, or an object with keep_indices(...); got {policy!r}")
+        if policy is not None and budget is None:
+            raise ValueError("policy needs a budget: pass budget=<max tokens per layer>")
+        if offload is not None:
+            raise ValueError(f"offload={offload!r} is not available yet: offloading arrives with kvcompact.offload")
+        return group_size
+
+    # -- eviction --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_policy(policy, budget, num_layers):
+        """A name becomes a policy object (via kvcompact.policies when present); validate budgets."""
+        if isinstance(policy, str):
+            try:
+                from kvcompact.policies import get_policy
+            except ImportError:
+                if policy != "streaming":
+                    raise ValueError(
+                        f"policy {policy!r} needs kvcompact.policies, which is not installed; use None or 'streaming'"
+                    ) from None
+                return None  # the built-in rule is the streaming policy
+            policy = get_policy(policy)
+        if policy is not None and budget is not None and hasattr(policy, "validate"):
+            policy.validate(budget, num_layers)
+        return policy
+
+    def _select(self, layer: KVCompactLayer, budget: int, keys=None, values=None) -> torch.Tensor:
+        """The eviction rule: the policy's choice, or the built-in streaming rule.
+
+        ``keys``/``values`` ``[B, H, T, D]`` are what attention reads this step (for 8-bit storage,
+        the dequantized workspace), so a scoring policy does not dequantize a second time.
+        """
+        if self.policy is None:
+            s = layer.storage
+            return streaming_keep_idx(s.batch, s.heads, s.length, budget, s.device)
+        return self.policy.keep_indices(
+            layer, budget, keys=keys, values=values, layer_idx=layer.layer_idx,
+            observed=self.observed.get(layer.layer_idx),
+        )
+
+    def note_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Declare the 2-D padding mask ``[B, T]`` of the batch in this cache (None = unpadded).
+
+        Needed before a batch > 1 may evict: eviction is refused if any row is padded.
+        """
+        self._padded = bool(attention_mask is not None and not bool(attention_mask.bool().all()))
+
+    def _check_evictable(self, layer: KVCompactLayer) -> None:
+        if self._padded:
+            raise ValueError(
+                "KVCompactCache: eviction with a padded batch is not supported (the 2-D padding mask would be "
+                "misaligned with the kept tokens); use batch 1 or an unpadded batch, or no budget"
+            )
+        if self._padded is None and layer.storage.batch > 1:
+            raise ValueError(
+                f"KVCompactCache: evicting a batch of {layer.storage.batch} needs an unpadded batch; call "
+                "cache.note_attention_mask(attention_mask) first (eviction with left padding is not supported)"
+            )
+
+    def get_mask_sizes(self, query_length, layer_idx: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of ``layer_idx`` (query length or, before 5.4, cache_position).
+
+        transformers calls this once per layer TYPE and reuses the mask for every layer of that
+        type, so all full-attention layers must agree; a clear error beats a shape error deep in
+        attention (or, worse, a silently misplaced causal mask).
+        """
+        if layer_idx >= len(self.layers):
+            return compat.query_length(query_length), 0
+        full = {l.physical_len for l in self.layers if isinstance(l, KVCompactLayer) and not l.is_sliding}
+        if len(full) > 1:
+            raise RuntimeError(
+                f"KVCompactCache: full-attention layers hold different token counts {sorted(full)}; transformers "
+                "uses one mask for all of them, so compact every full-attention layer to the same K"
+            )
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    # -- API beyond transformers' ----------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        """Token counts and byte sizes right now (see :class:`CacheStats`)."""
+        attention = [layer for layer in self.layers if isinstance(layer, KVCompactLayer)]
+        ws = self.workspace.nbytes
+        return CacheStats(
+            logical_tokens=self.get_seq_length(),
+            physical_tokens=[layer.physical_len if isinstance(layer, KVCompactLayer) else 0 for layer in self.layers],
+            device_bytes=sum(layer.storage.nbytes for layer in attention),
+            host_bytes=0,
+            dense_bytes=sum(layer.storage.dense_bytes(layer.physical_len) for layer in attention),
+            workspace_bytes=ws,
+        )
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Logical tokens seen (of the first attention layer by default)."""
+        layer_idx = 0 if layer_idx is None else layer_idx
+        if layer_idx >= len(self.layers):
+            return 0
+        if not isinstance(self.layers[layer_idx], KVCompactLayer):
+            layer_idx = next((i for i, l in enumerate(self.layers) if isinstance(l, KVCompactLayer)), None)
+            if layer_idx is None:
+                return 0
+        return self.layers[layer_idx].get_seq_length()
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        """-1: full-attention layers grow without limit (transformers >= 5.14 name)."""
+        if layer_idx is None:
+            return max((l.get_max_length() for l in self.layers), default=-1)
+        return self.layers[layer_idx].get_max_length() if layer_idx < len(self.layers) else -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        """transformers < 5.14 name of ``get_max_length`` (per layer)."""
+        return self.get_max_length(layer_idx)
+
+    def crop(self, max_length: int) -> None:
+        """Remove the newest tokens (``-n``) or keep the first ``n`` (``n >= 0``, 4.x form), all layers.
+
+        Checks every layer first, so a refused crop (tokens already evicted) changes nothing.
+        """
+        m = compat.crop_count(max_length, self.get_seq_length())
+        if m == 0:
+            return
+        for layer in self.layers:
+            if isinstance(layer, KVCompactLayer) and layer.is_initialized:
+                if not layer.is_sliding and m > layer._tail_contiguous:
+                    layer.crop(-m)  # raises with the layer's explanation
+        for layer in self.layers:
+            layer.crop(-m)
+
+    def reset(self) -> None:
+        """Drop every token; captured queries and per-run policy state go too."""
+        super().reset()
+        self.observed.clear()
+        if hasattr(self.policy, "reset"):
+            self.policy.reset()
+
+    def release_workspace(self) -> None:
+        """Free the dequantization workspace (it is re-allocated by the next quantized update)."""
+        self.workspace.release()
+
+    def __repr__(self):
+        return (
+            f"KVCompactCache(kv_dtype={self.kv_dtype}, group_size={self.group_size}, budget={self.budget}, "
+            f"layers={len(self.layers)}, logical={self.get_seq_length()})"
+        )

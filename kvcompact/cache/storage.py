@@ -1,0 +1,286 @@
+"""Token storage for one cache layer: preallocated buffers, optional 8-bit codes, a shared workspace.
+
+Layout (every tensor is ``[B, H, capacity, ...]``, token dimension 2, rows ``[0, length)`` valid):
+
+* lossless (``fmt=None``): ``keys``, ``values`` ``[B, H, cap, D]`` in the model dtype. ``view()``
+  returns slices of them, so attention reads the cache with no copy.
+* quantized: ``key_codes``, ``value_codes`` ``[B, H, cap, D]`` (float8/int8) and ``key_scales``,
+  ``value_scales`` ``[B, H, cap, D // G]`` fp32. New tokens go in with one ``quantize_into_`` each;
+  ``view()`` dequantizes into the cache-wide :class:`Workspace` and overwrites the newest tokens
+  with their exact values (see ``view``).
+* ``residual > 0`` adds a full-precision shadow of the newest tokens, ``[B, H, 2R, D]``: it holds
+  physical positions ``[length - shadow_len, length)`` in rows ``[0, shadow_len)``. Tokens are
+  quantized on arrival regardless, so dropping the shadow never loses a token.
+
+Capacity grows geometrically by 1/16 (see ``reserve``) instead of a per-step ``torch.cat`` of the
+whole cache (what ``DynamicCache`` does). The unused tail counts in ``device_bytes``, so it is
+kept small.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORMATS = {
+    # fmt: (code dtype, bytes per code)
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+}
+
+_GROWTH = 1.25  # workspace growth: it is re-sized by every layer, so grow it faster
+_ROUND = 64
+
+
+def _round_up(n: int, m: int = _ROUND) -> int:
+    return -(-n // m) * m
+
+
+class Workspace:
+    """One reusable dequantization buffer shared by all layers of a cache.
+
+    Layers dequantize one at a time during a forward pass, so the peak extra memory is the largest
+    single layer's K and V in the model dtype, not the whole cache. The price: a view returned by
+    a quantized layer is overwritten by the next quantized layer's update.
+    """
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, count: int = 2):
+        """``count`` contiguous tensors of ``shape`` carved from the shared buffer (grows if needed)."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        need = numel * count
+        buf = self._buf
+        if buf is None or buf.dtype != dtype or buf.device != torch.device(device) or buf.numel() < need:
+            size = need if buf is None or buf.dtype != dtype else max(need, int(buf.numel() * _GROWTH))
+            self._buf = buf = torch.empty(size, dtype=dtype, device=device)
+        return [buf[i * numel : (i + 1) * numel].view(shape) for i in range(count)]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
+
+    def release(self) -> None:
+        self._buf = None
+
+
+class TokenStore:
+    """K/V storage for one layer; see the module docstring for the layout.
+
+    Parameters
+    ----------
+    fmt : str or None
+        None (model dtype, lossless) or one of :data:`FORMATS`.
+    group_size : int or None
+        Elements per scale along D (quantized only); None = the whole head.
+    residual : int
+        Newest tokens also kept in full precision (quantized only).
+    workspace : Workspace
+        The cache-wide dequantization buffer.
+    """
+
+    def __init__(self, fmt: str | None, group_size: int | None, residual: int, workspace: Workspace):
+        self.fmt = fmt
+        self.group_size = group_size
+        self.residual = residual if fmt is not None else 0
+        self.workspace = workspace
+        self.length = 0  # physical tokens held
+        self.shadow_len = 0
+        self.initialized = False
+
+    # -- allocation ----------------------------------------------------------------------------
+
+    def init(self, like: torch.Tensor) -> None:
+        """Take B, H, D, dtype and device from ``like`` ``[B, H, *, D]``; allocate nothing yet."""
+        self.batch, self.heads, _, self.head_dim = like.shape
+        self.dtype, self.device = like.dtype, like.device
+        if self.fmt is not None:
+            g = self.group_size or self.head_dim
+            if self.head_dim % g:
+                raise ValueError(f"group_size={g} does not divide head_dim={self.head_dim}")
+            self.groups = self.head_dim // g
+        self.capacity = 0
+        self._alloc(0)
+        self.initialized = True
+
+    def _shapes(self, cap: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        b, h, d = self.batch, self.heads, self.head_dim
+        if self.fmt is None:
+            return {"keys": ((b, h, cap, d), self.dtype), "values": ((b, h, cap, d), self.dtype)}
+        code = FORMATS[self.fmt]
+        return {
+            "key_codes": ((b, h, cap, d), code),
+            "value_codes": ((b, h, cap, d), code),
+            "key_scales": ((b, h, cap, self.groups), torch.float32),
+            "value_scales": ((b, h, cap, self.groups), torch.float32),
+        }
+
+    def _alloc(self, cap: int) -> None:
+        """(Re)allocate the token buffers to ``cap`` tokens, keeping rows ``[0, length)``."""
+        for name, (shape, dtype) in self._shapes(cap).items():
+            new = torch.empty(shape, dtype=dtype, device=self.device)
+            old = getattr(self, name, None)
+            if old is not None and self.length:
+                new[:, :, : self.length].copy_(old[:, :, : self.length])
+            setattr(self, name, new)
+        self.capacity = cap
+        if self.residual and getattr(self, "key_shadow", None) is None:
+            shape = (self.batch, self.heads, 2 * self.residual, self.head_dim)
+            self.key_shadow = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.value_shadow = torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more tokens.
+
+        Growth is geometric, x(1 + 1/16), in 64-token steps: a decode step's attention already
+        reads all T cached tokens, so copying T tokens once per T/16 steps adds about 1/16 of one
+        attention read per step -- noise next to ``DynamicCache``'s full ``torch.cat`` every step
+        -- while the unused tail, which counts in ``device_bytes``, stays under 6.25% + 64 tokens.
+        """
+        need = self.length + extra
+        if need > self.capacity:
+            grown = self.capacity + self.capacity // 16 if self.capacity else 0
+            self._alloc(_round_up(max(need, grown)))
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``key``/``value`` ``[B, H, Q, D]`` at rows ``[length, length + Q)``."""
+        q = key.shape[2]
+        self.reserve(q)
+        a, b = self.length, self.length + q
+        if self.fmt is None:
+            self.keys[:, :, a:b].copy_(key)
+            self.values[:, :, a:b].copy_(value)
+        else:
+            from kvcompact import ops
+
+            ops.quantize_into_(key, self.key_codes[:, :, a:b], self.key_scales[:, :, a:b], self.fmt)
+            ops.quantize_into_(value, self.value_codes[:, :, a:b], self.value_scales[:, :, a:b], self.fmt)
+            if self.residual:
+                self._shadow_append(key, value)
+        self.length = b
+
+    def _shadow_append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        q, r = key.shape[2], self.residual
+        if q >= r:  # the chunk alone fills the window
+            self.key_shadow[:, :, :r].copy_(key[:, :, q - r :])
+            self.value_shadow[:, :, :r].copy_(value[:, :, q - r :])
+            self.shadow_len = r
+            return
+        if self.shadow_len + q > 2 * r:
+            # Slide the newest r - q tokens to the front; clone because source and target overlap.
+            keep = r - q
+            s = self.shadow_len
+            self.key_shadow[:, :, :keep].copy_(self.key_shadow[:, :, s - keep : s].clone())
+            self.value_shadow[:, :, :keep].copy_(self.value_shadow[:, :, s - keep : s].clone())
+            self.shadow_len = keep
+        s = self.shadow_len
+        self.key_shadow[:, :, s : s + q].copy_(key)
+        self.value_shadow[:, :, s : s + q].copy_(value)
+        self.shadow_len = s + q
+
+    def view(self, start: int = 0, exact_key=None, exact_value=None, fresh: bool = False):
+        """Keys and values at physical rows ``[start, length)``, ``[B, H, length - start, D]``.
+
+        Lossless: slices of the buffers (valid until this layer's next update). Quantized:
+        dequantized into the shared workspace (valid until any quantized layer of the cache updates),
+        then the newest tokens are overwritten with exact values: the residual shadow, and
+        ``exact_key``/``exact_value`` ``[B, H, Q, D]`` (the tokens just appended), which are free to
+        use -- a query attending to its own chunk need not see quantization error.
+        ``fresh=True`` dequantizes into new tensors instead, leaving the workspace (which
+        attention may be reading) alone.
+        """
+        n = self.length
+        if self.fmt is None:
+            return self.keys[:, :, start:n], self.values[:, :, start:n]
+        from kvcompact import ops
+
+        shape = (self.batch, self.heads, n - start, self.head_dim)
+        if fresh:
+            key_out = torch.empty(shape, dtype=self.dtype, device=self.device)
+            value_out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        else:
+            key_out, value_out = self.workspace.take(shape, self.dtype, self.device)
+        ops.dequantize_into_(self.key_codes[:, :, start:n], self.key_scales[:, :, start:n], key_out)
+        ops.dequantize_into_(self.value_codes[:, :, start:n], self.value_scales[:, :, start:n], value_out)
+        r = min(self.residual, self.shadow_len, n - start)
+        if r:
+            s = self.shadow_len
+            key_out[:, :, -r:].copy_(self.key_shadow[:, :, s - r : s])
+            value_out[:, :, -r:].copy_(self.value_shadow[:, :, s - r : s])
+        if exact_key is not None:
+            q = min(exact_key.shape[2], n - start)
+            key_out[:, :, -q:].copy_(exact_key[:, :, -q:])
+            value_out[:, :, -q:].copy_(exact_value[:, :, -q:])
+        return key_out, value_out
+
+    # -- structural edits ----------------------------------------------------------------------
+
+    def token_tensors(self) -> list[torch.Tensor]:
+        """Every ``[B, H, cap, ...]`` buffer, in the order compaction should see them."""
+        return [getattr(self, name) for name in self._shapes(0)]
+
+    def compact(self, keep_idx: torch.Tensor) -> None:
+        """Keep physical rows ``keep_idx`` ``[B, H, K]`` (int64, strictly increasing per row), in place."""
+        from kvcompact import ops
+
+        n, k = self.length, keep_idx.shape[-1]
+        ops.compact_(self.token_tensors(), keep_idx)
+        if self.shadow_len:
+            # Kept shadow tokens form a suffix of each row; keep the count all rows share.
+            base = n - self.shadow_len
+            c = int((keep_idx >= base).sum(-1).min())
+            if c:
+                idx = (keep_idx[..., k - c :] - base).unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+                self.key_shadow[:, :, :c].copy_(torch.gather(self.key_shadow[:, :, : self.shadow_len], 2, idx))
+                self.value_shadow[:, :, :c].copy_(torch.gather(self.value_shadow[:, :, : self.shadow_len], 2, idx))
+            self.shadow_len = c
+        self.length = k
+
+    def keep_last(self, count: int) -> None:
+        """Keep only the newest ``count`` physical tokens (sliding windows). Pure torch: no kernel."""
+        n = self.length
+        if count >= n:
+            return
+        for t in self.token_tensors():
+            # Source and target overlap when count > n - count; a clone of `count` rows is
+            # amortised over the window, as callers trim only when the buffer is full.
+            t[:, :, :count].copy_(t[:, :, n - count : n].clone())
+        self.length = count
+        self.shadow_len = min(self.shadow_len, count)
+
+    def truncate(self, count: int) -> None:
+        """Drop the newest ``count`` physical tokens."""
+        count = min(count, self.length)
+        self.length -= count
+        self.shadow_len = max(self.shadow_len - count, 0)
+
+    def map_batch(self, fn) -> None:
+        """Replace every buffer ``t`` by ``fn(t)`` along the batch dim (reorder, select, repeat)."""
+        if not self.initialized:
+            return
+        names = list(self._shapes(0)) + (["key_shadow", "value_shadow"] if self.residual else [])
+        for name in names:
+            setattr(self, name, fn(getattr(self, name)))
+        self.batch = getattr(self, names[0]).shape[0]
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held (capacity included, workspace excluded: it belongs to the cache)."""
+        if not self.initialized:
+            return 0
+        tensors = self.token_tensors() + ([self.key_shadow, self.value_shadow] if self.residual else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dense_bytes(self, tokens: int) -> int:
+        """What ``tokens`` tokens of K and V take in the model dtype."""
+        if not self.initialized:
+            return 0
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.batch * self.heads * tokens * self.head_dim * elem
