@@ -10,7 +10,7 @@ Columns: edit ms vs re-prefill ms (the peer) and their ratio; greedy agreement =
 common prefix of 20 greedy tokens / 20; top-1 = teacher-forced agreement with the peer's greedy
 tokens; ppl ratio = teacher-forced perplexity of a fixed continuation (the first 64 tokens of part
 B as the assistant's reply) under the edited cache / under the peer's cache. One run per case,
-median of ``--repeats`` timings.
+median of ``--repeats`` timings (default 1: the CI machine is slow).
 
 Run: ``python benchmarks/bench_session_edit.py`` (writes benchmarks/out/session_edit.json).
 """
@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--a-tokens", type=int, default=800)
     ap.add_argument("--b-tokens", type=int, default=200)
     ap.add_argument("--gen", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/out/session_edit.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -94,24 +94,31 @@ def main():
         "drop A, reposition=False": lambda s, a: s.drop(a, reposition=False),
     }
     rows = []
+    refs: dict = {}  # edited token ids -> (ref session, its greedy tokens, its target nll, prefill ms)
     for name, edit in cases.items():
-        edit_ms, prefill_ms = [], []
+        edit_ms = []
         for _ in range(args.repeats):
             s, a = build(model, tok, a_text, b_text)
             t0 = time.perf_counter()
             edit(s, a)
             edit_ms.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-            ref = Session(model, tok)
-            for m in s.messages:
-                ref.add_message(m)
-            ref.prefill()
-            prefill_ms.append((time.perf_counter() - t0) * 1e3)
-        assert ref.token_ids == s.token_ids
-        g_ref, g_edit = greedy(ref, args.gen), greedy(s, args.gen)
+        key = tuple(s.token_ids)
+        if key not in refs:
+            prefill_ms = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                ref = Session(model, tok)
+                for m in s.messages:
+                    ref.add_message(m)
+                ref.prefill()
+                prefill_ms.append((time.perf_counter() - t0) * 1e3)
+            assert ref.token_ids == s.token_ids
+            refs[key] = (ref, greedy(ref, args.gen), nll(teacher_forced(ref, target), target), prefill_ms)
+        ref, g_ref, ref_nll, prefill_ms = refs[key]
+        g_edit = greedy(s, args.gen)
         agree = next((i for i, (x, y) in enumerate(zip(g_ref, g_edit)) if x != y), args.gen) / args.gen
         top1 = (teacher_forced(s, g_ref).argmax(-1) == torch.tensor(g_ref)).float().mean().item()
-        ppl_ratio = float(torch.tensor(nll(teacher_forced(s, target), target) - nll(teacher_forced(ref, target), target)).exp())
+        ppl_ratio = float(torch.tensor(nll(teacher_forced(s, target), target) - ref_nll).exp())
         row = dict(case=name, tokens=len(s.token_ids), edit_ms=statistics.median(edit_ms),
                    reprefill_ms=statistics.median(prefill_ms), greedy_agreement=agree, top1_tf=top1,
                    ppl_ratio=ppl_ratio, greedy_ref=tok.decode(g_ref), greedy_edit=tok.decode(g_edit))
