@@ -92,6 +92,8 @@ def main():
         "replace A by other text (half length)": lambda s, a: s.replace(a, similar),
         "drop A, reposition=True": lambda s, a: s.drop(a, reposition=True),
         "drop A, reposition=False": lambda s, a: s.drop(a, reposition=False),
+        "replace A by summary, recompute_tail": lambda s, a: s.replace(a, summary, recompute_tail=True),
+        "drop A, reposition, recompute_tail": lambda s, a: s.drop(a, reposition=True, recompute_tail=True),
     }
     rows = []
     refs: dict = {}  # edited token ids -> (ref session, its greedy tokens, its target nll, prefill ms)

@@ -283,3 +283,20 @@ def test_session_refuses_budget_cache(mt):
     model, tok = mt
     with pytest.raises(ValueError, match="budget"):
         Session(model, tok, KVCompactCache(model.config, budget=64))
+
+
+def test_recompute_tail_is_exact(mt):
+    """drop/replace with recompute_tail equal a re-prefill of the edited conversation."""
+    model, tok = mt
+    s = Session(model, tok)
+    mid = _conversation(s, tok)
+    s.replace(mid, "(elided)", recompute_tail=True)
+    ref = fresh(model, tok, s.messages)
+    assert s.token_ids == ref.token_ids and s.cache.get_seq_length() == ref.cache.get_seq_length()
+    a, b = s.next_token_logits(), ref.next_token_logits()
+    assert torch.allclose(a, b, atol=1e-3, rtol=0), (a - b).abs().max()
+    s.drop(mid, reposition=True, recompute_tail=True)
+    ref = fresh(model, tok, s.messages)
+    a, b = s.next_token_logits(), ref.next_token_logits()
+    assert s.token_ids == ref.token_ids
+    assert torch.allclose(a, b, atol=1e-3, rtol=0), (a - b).abs().max()

@@ -407,13 +407,26 @@ class Session:
     def _position_of(self, k: int) -> int:
         return sum(len(e.ids) for e in self._entries[:k] if e.state in (LIVE, GAP))
 
-    def drop(self, msg_id: str, *, reposition: bool = False) -> int:
+    def _recompute_from(self, row: int) -> int:
+        """Crop physical rows ``[row, end)`` and feed them again (exact tail); returns tokens re-fed."""
+        m = len(self._cache_ids) - row
+        if m > 0:
+            self.cache.crop(-m)
+            del self._cache_ids[row:]
+            self._sync_physical()
+        return max(m, 0)
+
+    def drop(self, msg_id: str, *, reposition: bool = False, recompute_tail: bool = False) -> int:
         """Evict a message's tokens from the cache in place; returns how many were evicted.
 
         ``reposition=False``: later tokens keep their positions (a gap remains; the logical length
         is unchanged). ``reposition=True``: later keys are re-rotated by ``-span`` so positions close
         the gap, and the logical length shrinks by the span. The message leaves ``messages``; later
         spans shift down. A pending (not yet fed) message is just removed.
+
+        ``recompute_tail=True`` then re-feeds the tokens after the span, so their K/V no longer
+        carry what the dropped message said: exact (equal to a re-prefill of the remaining
+        messages with ``reposition=True``), at the cost of a forward over the tail only.
         """
         self._check_live()
         for i, m in enumerate(self._pending):
@@ -432,16 +445,20 @@ class Session:
                                   tail_contiguous=layer._tail_contiguous)
         del self._cache_ids[start:end]
         self._entries[k].state = CLOSED if reposition else GAP
+        if recompute_tail:
+            self._recompute_from(start)
         return length
 
-    def replace(self, msg_id: str, text: str) -> tuple:
+    def replace(self, msg_id: str, text: str, *, recompute_tail: bool = False) -> tuple:
         """Splice ``text`` in place of a message's content; returns ``(old_tokens, new_tokens)``.
 
         The new message's tokens are rendered in context; ``move_`` opens or closes the gap; one
         forward computes the new tokens' KV against the tokens before the span (nothing after it);
         the keys after it are re-rotated by the length change. Tokens after the span are NOT
         recomputed: their KV still reflects the old text (see docs/agent.md for the measured
-        effect). A pending message is replaced without touching the cache.
+        effect). ``recompute_tail=True`` instead crops the cache at the span and feeds the new text
+        and everything after it again: exact (a re-prefill from the span on), cost proportional to
+        the tail. A pending message is replaced without touching the cache.
         """
         self._check_live()
         for i, m in enumerate(self._pending):
@@ -465,6 +482,12 @@ class Session:
                 raise SessionError(f"replace: with the new text of {msg_id!r} the next message would tokenize "
                                    "differently; replace is only possible at a token boundary")
         start, end = self.spans[msg_id]
+        if recompute_tail:
+            self.cache.crop(-(len(self._cache_ids) - start))
+            del self._cache_ids[start:]
+            self._entries[k] = _Entry(new_msg, new_ids, LIVE)
+            self._sync_physical()
+            return (end - start, len(new_ids))
         inv, style = self._rope_params()
 
         def forward():
