@@ -10,7 +10,7 @@ Columns: edit ms vs re-prefill ms (the peer) and their ratio; greedy agreement =
 common prefix of 20 greedy tokens / 20; top-1 = teacher-forced agreement with the peer's greedy
 tokens; ppl ratio = teacher-forced perplexity of a fixed continuation (the first 64 tokens of part
 B as the assistant's reply) under the edited cache / under the peer's cache. One run per case,
-median of ``--repeats`` timings (default 1: the CI machine is slow).
+median of ``--repeats`` timings (3: the first run of a new input shape pays oneDNN setup).
 
 Run: ``python benchmarks/bench_session_edit.py`` (writes benchmarks/out/session_edit.json).
 """
@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--a-tokens", type=int, default=800)
     ap.add_argument("--b-tokens", type=int, default=200)
     ap.add_argument("--gen", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/out/session_edit.json")
     args = ap.parse_args()
     torch.manual_seed(0)

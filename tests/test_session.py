@@ -300,3 +300,32 @@ def test_recompute_tail_is_exact(mt):
     a, b = s.next_token_logits(), ref.next_token_logits()
     assert s.token_ids == ref.token_ids
     assert torch.allclose(a, b, atol=1e-3, rtol=0), (a - b).abs().max()
+
+
+def test_failed_save_keeps_previous_checkpoint(mt, tmp_path, monkeypatch):
+    """A save that dies mid-write (here: the second tensor file fails) leaves the last checkpoint loadable."""
+    from kvcompact.agent import checkpoint
+
+    model, tok = mt
+    s = Session(model, tok)
+    s.add("user", "First turn.")
+    s.prefill()
+    path = tmp_path / "ckpt"
+    s.save(path)
+    s.add("user", "Second turn, never saved.")
+    s.prefill()
+    real, calls = checkpoint._save_file, []
+
+    def failing(tensors, p):
+        calls.append(p)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(tensors, p)
+
+    monkeypatch.setattr(checkpoint, "_save_file", failing)
+    with pytest.raises(OSError):
+        s.save(path)
+    monkeypatch.undo()
+    back = Session.load(path, model, tok)
+    assert [m.content for m in back.messages] == ["First turn."]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary directory left

@@ -24,7 +24,9 @@ State model
 * **Positions.** ``drop(reposition=False)`` leaves a gap: later tokens keep their RoPE positions and
   the logical length (next position) is unchanged. ``drop(reposition=True)`` re-rotates later keys
   so positions close the gap, and the logical length shrinks by the span length; the cache then
-  equals (up to fp rounding of the rotation) the cache of a fresh prefill of the remaining text.
+  has the positions of a fresh prefill of the remaining text (keys equal up to the rotation's
+  rounding in layer 0). Tokens after an edited span keep K/V computed while the old text was
+  visible, unless ``recompute_tail=True`` re-feeds them (exact; docs/agent.md has the measurements).
 * **Budgets.** A session refuses a cache with a token budget: a budget evicts per head, after which a
   message no longer occupies one token range. Memory is controlled at message level instead (drop,
   replace, :func:`~kvcompact.agent.compaction.compact_messages`), plus 8-bit storage.
@@ -45,9 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -86,7 +87,6 @@ class SpawnRecord:
     child_device_bytes: int
     child_device_bytes_after_free: int
     child_cache_collected: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def prefix_sha256(token_ids: Sequence[int]) -> str:
@@ -711,7 +711,3 @@ class PrefixCache:
     @property
     def stats(self):
         return self._base.cache.stats()
-
-
-def _warn(msg: str) -> None:
-    warnings.warn(msg, stacklevel=3)
