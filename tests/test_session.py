@@ -329,3 +329,21 @@ def test_failed_save_keeps_previous_checkpoint(mt, tmp_path, monkeypatch):
     back = Session.load(path, model, tok)
     assert [m.content for m in back.messages] == ["First turn."]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary directory left
+
+
+def test_quantized_cache_reposition_and_replace(mt):
+    """int8 storage: re-rotation goes through rope_shift_quantized_; positions still match a fresh prefill."""
+    model, tok = mt
+    s = Session(model, tok, KVCompactCache(model.config, kv_dtype="int8"))
+    mid = _conversation(s, tok)
+    s.drop(mid, reposition=True)
+    ref = fresh(model, tok, s.messages, cache=KVCompactCache(model.config, kv_dtype="int8"))
+    assert s.token_ids == ref.token_ids and s.cache.get_seq_length() == ref.cache.get_seq_length()
+    k0, rk0 = layer_kv(s.cache)[0][0], layer_kv(ref.cache)[0][0]
+    # requantized after rotation: within a few int8 steps of the per-token-head scale
+    assert (k0 - rk0).abs().max().item() < 3e-2 * rk0.abs().max().item()
+    q = s.add("user", "Which license is it?")
+    s.prefill()
+    s.replace(q, "Which version of the license is it?")
+    s.generate(max_new_tokens=2)
+    assert s.token_ids == s.renderer.render_ids(s.messages)
