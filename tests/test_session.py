@@ -163,6 +163,13 @@ def test_prefix_cache_same_logits_no_prefix_compute(mt):
     assert prefix.stats.physical_tokens[0] == len(prefix.token_ids)
     with pytest.raises(PrefixChangedError, match="prefix changed"):
         prefix.session(tools_text + " Time: 12:01")
+    # a sub-agent of a prefix session starts from a copy of the prefix too: no prefix token fed
+    counter = FedCounter(model)
+    try:
+        s.spawn("Say hi.", max_new_tokens=2)
+    finally:
+        counter.close()
+    assert counter.count < 25 and s.last_spawn.child_device_bytes_after_free == 0
 
 
 def test_spawn_frees_child_and_keeps_parent(mt):
