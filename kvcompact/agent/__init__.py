@@ -6,6 +6,8 @@
 - :mod:`~kvcompact.agent.tracker`: :class:`MemoryTracker`, tokens and KV bytes per step.
 - :mod:`~kvcompact.agent.compaction`: :func:`compact_messages` and its :class:`CompactionPlan`.
 - :mod:`~kvcompact.agent.checkpoint`: atomic, checksummed checkpoint directories.
+- :mod:`~kvcompact.agent.session`: :class:`Session` (messages as editable cache spans: drop, replace,
+  save/load, spawn, park) and :class:`PrefixCache`; cache edits in :mod:`~kvcompact.agent.kvedit`.
 
 Heavy dependencies (tiktoken, matplotlib, safetensors, transformers) are imported on first use.
 """
@@ -17,10 +19,13 @@ from kvcompact.agent.checkpoint import CheckpointError, model_identity, read_che
 from kvcompact.agent.compaction import (CompactedMessages, CompactionPlan, Drop, Truncation, apply_plan,
                                         compact_messages, plan_compaction)
 from kvcompact.agent.tracker import ContextGrowthWarning, MemoryTracker, StepRecord
+from kvcompact.agent.session import (PrefixCache, PrefixChangedError, Session, SessionError, SpawnRecord,
+                                     prefix_sha256)
 
 __all__ = ["ROLES", "IdGenerator", "Message", "as_message", "message_ref", "new_message_id",
            "Increment", "RenderState", "TemplateError", "TemplateNotPrefixStable", "TemplateRenderer",
            "ContextGrowthWarning", "MemoryTracker", "StepRecord",
            "CompactedMessages", "CompactionPlan", "Drop", "Truncation", "apply_plan", "compact_messages",
            "plan_compaction",
-           "CheckpointError", "model_identity", "read_checkpoint", "write_checkpoint"]
+           "CheckpointError", "model_identity", "read_checkpoint", "write_checkpoint",
+           "Session", "SessionError", "SpawnRecord", "PrefixCache", "PrefixChangedError", "prefix_sha256"]

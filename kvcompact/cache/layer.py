@@ -208,6 +208,26 @@ class KVCompactLayer(compat.CacheLayerMixin):
         store.compact(keep_idx)
         self._tail_contiguous = min(run, self._tail_contiguous)
 
+    def set_lengths(self, *, physical: int, logical: int, tail_contiguous: int) -> None:
+        """Overwrite the length bookkeeping after an external edit of the buffers (span editors).
+
+        For code that rewrites ``storage`` rows itself (``kvcompact.agent.kvedit``: evicting a
+        message's span, re-rotating keys, splicing a replacement). ``physical`` rows
+        ``[0, physical)`` must hold valid tokens, ``logical`` is the next token's position and
+        ``tail_contiguous`` the newest tokens a ``crop`` may still remove. The full-precision
+        residual shadow is dropped (its rows no longer match); the quantized copies remain.
+        """
+        if self.is_sliding:
+            raise ValueError("set_lengths: sliding-window layers cannot be span-edited")
+        store = self.storage
+        if not 0 <= physical <= (store.capacity if store.initialized else 0) or logical < physical:
+            raise ValueError(f"set_lengths: physical={physical}, logical={logical} invalid for capacity "
+                             f"{getattr(store, 'capacity', 0)}")
+        store.length = physical
+        store.shadow_len = 0
+        self._logical = logical
+        self._tail_contiguous = max(0, min(tail_contiguous, physical))
+
     # -- structural operations -------------------------------------------------------------------
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -1,0 +1,130 @@
+"""Session checkpoints: :meth:`Session.save` / :meth:`Session.load` over ``checkpoint.py``.
+
+Tensors (one safetensors file per family, see ``write_checkpoint``): for every attention layer
+``i`` the valid rows ``[:, :, :length]`` of each buffer -- ``keys.i``/``values.i`` (lossless) or
+``key_codes.i``/``value_codes.i``/``key_scales.i``/``value_scales.i`` (8-bit) -- and, with a
+residual window, ``key_shadow.i``/``value_shadow.i`` (rows ``[:shadow_len]``).
+
+Meta (JSON, checksummed with the rest): the session format version, the model identity
+(``model_identity(model)``: config shapes, RoPE, dtype and a weights hash), the tokenizer's
+vocabulary size, the cache format and per-layer lengths, the rendered history (each message with
+its state -- live, gap, closed -- and the token ids fed for it), pending messages, the generation
+prompt tail and the renderer options.
+
+On load the saved history is re-rendered with the given tokenizer: if the template or tokenizer
+produce other tokens than the saved ones, the checkpoint does not describe this tokenizer's
+conversation and :class:`CheckpointError` says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompact.agent import kvedit
+from kvcompact.agent.checkpoint import CheckpointError, model_identity, read_checkpoint, write_checkpoint
+from kvcompact.agent.messages import Message
+
+__all__ = ["save_session", "load_session"]
+
+_SHADOWS = ("key_shadow", "value_shadow")
+
+
+def _message_dict(m: Message) -> dict:
+    d = m.to_dict(include_id=True)
+    d["metadata"] = m.metadata
+    return d
+
+
+def save_session(session, path) -> None:
+    from kvcompact.agent.session import SESSION_FORMAT
+
+    cache = session.cache
+    tensors, layers = {}, []
+    for i, layer in enumerate(kvedit.attention_layers(cache)):
+        if not layer.is_initialized:
+            layers.append(None)
+            continue
+        store = layer.storage
+        n = store.length
+        for name in store._shapes(0):
+            tensors[f"{name}.{i}"] = getattr(store, name)[:, :, :n]
+        if store.residual and store.shadow_len:
+            for name in _SHADOWS:
+                tensors[f"{name}.{i}"] = getattr(store, name)[:, :, :store.shadow_len]
+        layers.append({"physical": n, "logical": layer.logical_len, "tail_contiguous": layer._tail_contiguous,
+                       "shadow_len": store.shadow_len, "dtype": str(store.dtype).replace("torch.", ""),
+                       "shape": [store.batch, store.heads, store.head_dim]})
+    opts = dict(session._renderer_options)
+    meta = {
+        "model": model_identity(session.model),
+        "session": {
+            "format_version": SESSION_FORMAT,
+            "tokenizer_vocab": len(session.tokenizer),
+            "cache": {"kv_dtype": cache.kv_dtype, "group_size": cache.group_size, "residual": cache.residual,
+                      "layers": layers},
+            "entries": [{"message": _message_dict(e.message), "ids": list(e.ids), "state": e.state}
+                        for e in session._entries],
+            "pending": [_message_dict(m) for m in session._pending],
+            "gen_tail": list(session._gen_tail),
+            "gen_prompt": session._gen_prompt,
+            "renderer": opts,
+            "rope_style": session._rope_style,
+            "prefix_sha256": session._prefix.sha256 if session._prefix is not None else None,
+        },
+    }
+    write_checkpoint(path, tensors, meta)
+
+
+def load_session(cls, path, model, tokenizer, **session_kwargs):
+    from kvcompact.agent.session import SESSION_FORMAT, _Entry
+    from kvcompact.cache import KVCompactCache
+
+    device = next(model.parameters()).device
+    tensors, meta = read_checkpoint(path, expected_model_identity=model_identity(model), device=device)
+    info = meta.get("session")
+    if not isinstance(info, dict) or info.get("format_version") != SESSION_FORMAT:
+        raise CheckpointError(f"{path}: not a kvcompact Session checkpoint of format {SESSION_FORMAT}")
+    if info["tokenizer_vocab"] != len(tokenizer):
+        raise CheckpointError(f"{path}: saved with a tokenizer of {info['tokenizer_vocab']} tokens, "
+                              f"this one has {len(tokenizer)}")
+    c = info["cache"]
+    cache = KVCompactCache(model.config, kv_dtype=c["kv_dtype"], group_size=c["group_size"], residual=c["residual"])
+    opts = {**info["renderer"], **session_kwargs}
+    s = cls(model, tokenizer, cache, rope_style=info.get("rope_style"), **opts)
+    layers = kvedit.attention_layers(cache)
+    if len(layers) != len(c["layers"]):
+        raise CheckpointError(f"{path}: {len(c['layers'])} cache layers saved, the model has {len(layers)}")
+    for i, (layer, li) in enumerate(zip(layers, c["layers"])):
+        if li is None:
+            continue
+        b, h, d = li["shape"]
+        like = torch.empty((b, h, 0, d), dtype=getattr(torch, li["dtype"]), device=device)
+        layer.lazy_initialization(like, like)
+        store = layer.storage
+        n = li["physical"]
+        store.reserve(n)
+        for name in store._shapes(0):
+            t = tensors.get(f"{name}.{i}")
+            if t is None or t.shape[2] != n:
+                raise CheckpointError(f"{path}: tensor {name}.{i} missing or of the wrong length")
+            getattr(store, name)[:, :, :n].copy_(t)
+        layer.set_lengths(physical=n, logical=li["logical"], tail_contiguous=li["tail_contiguous"])
+        if li["shadow_len"]:
+            for name in _SHADOWS:
+                getattr(store, name)[:, :, :li["shadow_len"]].copy_(tensors[f"{name}.{i}"])
+            store.shadow_len = li["shadow_len"]
+
+    s._entries = [_Entry(Message.from_dict(e["message"]), list(e["ids"]), e["state"]) for e in info["entries"]]
+    s._pending = [Message.from_dict(m) for m in info["pending"]]
+    s._gen_tail = list(info["gen_tail"])
+    s._gen_prompt = bool(info["gen_prompt"])
+    s._cache_ids = s._target_ids()
+    if layers and layers[0].is_initialized and layers[0].physical_len != len(s._cache_ids):
+        raise CheckpointError(f"{path}: the cache holds {layers[0].physical_len} tokens, the messages "
+                              f"{len(s._cache_ids)}")
+    rendered = s.renderer.render_ids(s._history(), s._gen_prompt) if s._entries else []
+    if rendered != s._virtual_ids():
+        raise CheckpointError(
+            f"{path}: this tokenizer/chat template renders the saved messages to other tokens than the saved "
+            "ones (a different tokenizer or template?); the cached KV would not match the conversation")
+    return s
