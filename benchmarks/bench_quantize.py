@@ -31,7 +31,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="largest shape only, fewer repeats")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 makes every row comparable on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     out = args.out or os.path.join(os.path.dirname(__file__), "out", f"bench_quantize_{device}.json")
     shapes = SHAPES[:1] if args.quick else SHAPES

@@ -140,7 +140,11 @@ class Session:
         self.tokenizer = tokenizer
         if cache is None:
             cache = KVCompactCache(model.config)
-        kvedit.check_editable(cache)
+        # Any transformers Cache can hold an append-only conversation (add/generate:
+        # the demo's DynamicCache baseline); in-place edits need a KVCompactCache.
+        self._editable = isinstance(cache, KVCompactCache)
+        if self._editable:
+            kvedit.check_editable(cache)
         if cache.get_seq_length() != 0:
             raise ValueError("Session needs an empty cache (use PrefixCache.session or Session.load to start "
                              "from computed KV)")
@@ -214,6 +218,11 @@ class Session:
         if self._rope is None:
             self._rope = kvedit.rope_params(self.model, self._rope_style)
         return self._rope
+
+    def _require_editable(self, op: str) -> None:
+        if not self._editable:
+            raise TypeError(f"Session.{op} edits the cache in place and needs a KVCompactCache; this session "
+                            f"holds a {type(self.cache).__name__} (append-only: add and generate work)")
 
     def _check_live(self) -> None:
         if self._parked is not None:
@@ -428,6 +437,7 @@ class Session:
         carry what the dropped message said: exact (equal to a re-prefill of the remaining
         messages with ``reposition=True``), at the cost of a forward over the tail only.
         """
+        self._require_editable("drop")
         self._check_live()
         for i, m in enumerate(self._pending):
             if m.id == msg_id:
@@ -460,6 +470,7 @@ class Session:
         and everything after it again: exact (a re-prefill from the span on), cost proportional to
         the tail. A pending message is replaced without touching the cache.
         """
+        self._require_editable("replace")
         self._check_live()
         for i, m in enumerate(self._pending):
             if m.id == msg_id:
@@ -516,6 +527,7 @@ class Session:
         (``last_spawn`` records its device bytes before and after). This session's cache is not
         touched; the tool message is pending until the next ``generate``.
         """
+        self._require_editable("spawn")
         self._check_live()
         if self._prefix is not None:
             child = self._prefix.session()
@@ -570,6 +582,7 @@ class Session:
         :meth:`resume`. ``pool``: a :class:`~kvcompact.offload.PinnedPool` to use (default: one
         sized for this cache, allocated here; on a CPU-only machine it is ordinary memory).
         """
+        self._require_editable("park")
         from kvcompact.offload import PinnedPool, SessionParker
 
         self._check_live()
@@ -611,6 +624,7 @@ class Session:
         token ids of each, the cache buffers (codes, scales, residual shadows: only the valid rows),
         per-layer lengths, renderer options and the model identity.
         """
+        self._require_editable("save")
         from kvcompact.agent.session_io import save_session
 
         self._check_live()
