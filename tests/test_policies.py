@@ -584,3 +584,58 @@ def test_kvpress_knorm_press_matches_knorm_policy():
     k, v = rand_kv(t=50)
     ours = get_policy("knorm", sinks=2, recent=4).keep_indices(None, 20, keys=k, values=v)
     assert torch.equal(pol.keep_indices(None, 20, keys=k, values=v), ours)
+
+
+class FakeKnormPress:
+    """Duck-typed stand-in for a kvpress ScorerPress (the bridge's contract, without kvpress)."""
+
+    compression_ratio = 0.5
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        self.calls.append((module, hidden_states, attentions, dict(kwargs)))
+        return -keys.norm(dim=-1)
+
+
+def test_kvpress_bridge_contract_without_kvpress():
+    press = FakeKnormPress()
+    pol = get_policy(press, sinks=2, recent=4)
+    assert isinstance(pol, P.KVPressPolicy) and pol.observes == "window"
+    k, v = rand_kv(t=50)
+    ours = get_policy("knorm", sinks=2, recent=4).keep_indices(None, 20, keys=k, values=v)
+    obs = ObservedQueries(8, keep_hidden=True)
+    assert torch.equal(pol.keep_indices(None, 20, keys=k, values=v, observed=obs), ours)
+    # Through attach, the press receives the attention module, the window's hidden states and RoPE tables.
+    model = tiny_model("llama", "sdpa")
+    cache = CompactingDynamicCache(P.KVPressPolicy(press, window=8, sinks=2, recent=4), 16, 2)
+    press.calls.clear()
+    with torch.no_grad(), P.attach(model, cache):
+        model(torch.randint(0, 128, (1, 30)), past_key_values=cache)
+    module, hidden, attentions, kwargs = press.calls[0]
+    assert module is model.model.layers[0].self_attn and attentions is None
+    assert hidden.shape == (1, 8, 64) and kwargs["position_embeddings"][0].shape == (1, 8, 16)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["knorm", "snapkv", "h2o", "tova", "random", "streaming"])
+def test_cuda_scores_and_selection_equal_cpu(name):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 2, 300, 16, generator=g)
+    queries = torch.randn(2, 4, 40, 16, generator=g)
+    scores = []
+    for device in ("cpu", "cuda"):
+        obs = ObservedQueries(32, accumulate=name == "h2o")
+        obs.observe(queries.to(device))
+        obs.fold(keys.to(device))
+        scores.append(get_policy(name).score(0, keys.to(device), None, obs).cpu())
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-6)
+    # Selection itself is exact on either device (same scores in, same keep_idx out, ties included).
+    s = scores[0].clone()
+    s[:, :, 50:60] = 0.25
+    cpu = select_keep_idx(s, 100, sinks=4, recent=32)
+    assert torch.equal(select_keep_idx(s.cuda(), 100, sinks=4, recent=32).cpu(), cpu)
