@@ -639,3 +639,14 @@ def test_cuda_scores_and_selection_equal_cpu(name):
     s[:, :, 50:60] = 0.25
     cpu = select_keep_idx(s, 100, sinks=4, recent=32)
     assert torch.equal(select_keep_idx(s.cuda(), 100, sinks=4, recent=32).cpu(), cpu)
+
+
+def test_observed_crop_forgets_newest_tokens():
+    obs = ObservedQueries(4, accumulate=True)
+    obs.observe(torch.randn(1, 2, 10, 8))
+    obs.fold(torch.randn(1, 1, 10, 8))
+    obs.observe(torch.randn(1, 2, 3, 8))
+    obs.crop(5)  # 3 pending + 2 folded tokens
+    assert obs.num_pending == 0 and obs.attn_mass.shape[-1] == 8 and obs.queries is None
+    obs.fold(torch.randn(1, 1, 8, 8))
+    assert obs.attn_mass.shape[-1] == 8

@@ -250,6 +250,11 @@ class Policy:
         """Extra positions to protect (``[T]`` or ``[B, H, T]`` bool), or None."""
         return None
 
+    @property
+    def needs_hooks(self) -> bool:
+        """Whether :func:`kvcompact.attach` must be active for this policy (query-aware)."""
+        return self.observes is not None
+
     # -- budgets ---------------------------------------------------------------------------------
 
     @property
@@ -335,8 +340,8 @@ class Policy:
             keys, values = layer_keys(layer)
         if self.observes is not None and observed is None:
             raise RuntimeError(
-                f"policy {self.name!r} scores with query states: run the model inside "
-                f"`with kvcompact.attach(model, cache):` (layer {layer_idx})"
+                f"policy {self.name!r} scores with query states but got observed=None (layer {layer_idx}): run the "
+                "model inside `with kvcompact.attach(model, cache):`, and pass observed=cache.observed.get(layer_idx)"
             )
         if observed is not None:
             observed.fold(keys)  # bring accumulated attention up to date with every held token

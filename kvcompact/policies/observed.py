@@ -187,6 +187,25 @@ class ObservedQueries:
                 self.attn_mass = torch.nn.functional.pad(self.attn_mass, (0, int(keep_idx.max()) + 1 - t))
             self.attn_mass = torch.gather(self.attn_mass, 2, keep_idx.to(self.attn_mass.device))
 
+    def crop(self, count: int) -> None:
+        """Forget the newest ``count`` tokens (the cache's ``crop``): their queries and their mass."""
+        if count <= 0:
+            return
+        if self.queries is not None:
+            self.queries = self.queries[:, :, : max(self.queries.shape[2] - count, 0)]
+            if self.queries.shape[2] == 0:
+                self.queries = None
+        if self.pending is not None:
+            keep = self.pending.shape[2] - count
+            self.pending = self.pending[:, :, :keep] if keep > 0 else None
+            count = max(-keep, 0)  # tokens already folded into the mass
+        if self.attn_mass is not None and count:
+            # Mass the removed queries put on older tokens stays: it is a score, not a position.
+            self.attn_mass = self.attn_mass[..., : max(self.attn_mass.shape[-1] - count, 0)]
+        if self.keep_hidden and self.hidden_states is not None:
+            self.hidden_states = None
+            self.position_embeddings = None
+
     def __repr__(self) -> str:
         w = 0 if self.queries is None else self.queries.shape[2]
         m = None if self.attn_mass is None else self.attn_mass.shape[-1]
