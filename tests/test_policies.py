@@ -618,7 +618,9 @@ def test_kvpress_bridge_contract_without_kvpress():
     assert hidden.shape == (1, 8, 64) and kwargs["position_embeddings"][0].shape == (1, 8, 16)
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def CUDA(test):
+    """CUDA-only test: marked ``cuda`` and skipped without a device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @CUDA
