@@ -211,6 +211,7 @@ class Policy:
     name: ClassVar[str] = "base"
     observes: ClassVar[str | None] = None
     observes_hidden: ClassVar[bool] = False  # also keep the window's hidden states (kvpress bridge)
+    needs_values: ClassVar[bool] = False  # scores read values too (only then are they dequantized)
     window: int = 0
 
     def __init__(
@@ -337,7 +338,7 @@ class Policy:
             attention) has already been compacted with it.
         """
         if keys is None:
-            keys, values = layer_keys(layer)
+            keys, values = layer_keys(layer, with_values=self.needs_values)
         if self.observes is not None and observed is None:
             raise RuntimeError(
                 f"policy {self.name!r} scores with query states but got observed=None (layer {layer_idx}): run the "
@@ -361,11 +362,12 @@ class Policy:
         return {} if self.schedule == "uniform" else {"schedule": self.schedule, "beta": self.beta}
 
 
-def layer_keys(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_keys(layer, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer's physical K/V ``[B, H, T, D]`` without touching the cache's shared workspace.
 
     Lossless storage: views of the buffers. 8-bit storage: dequantized from the codes into fresh
-    fp32 tensors (``layer.keys`` would dequantize into the workspace that attention is reading).
+    fp32 tensors (``layer.keys`` would dequantize into the workspace that attention is reading);
+    values only when ``with_values`` (None otherwise).
     """
     store = getattr(layer, "storage", None)
     if store is not None and getattr(store, "fmt", None) is not None:
@@ -373,9 +375,11 @@ def layer_keys(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
         n = store.length
         k = ops.dequantize(store.key_codes[:, :, :n], store.key_scales[:, :, :n], dtype=torch.float32)
-        v = ops.dequantize(store.value_codes[:, :, :n], store.value_scales[:, :, :n], dtype=torch.float32)
+        v = None
+        if with_values:
+            v = ops.dequantize(store.value_codes[:, :, :n], store.value_scales[:, :, :n], dtype=torch.float32)
         return k, v
-    return layer.keys, layer.values
+    return layer.keys, (layer.values if with_values else None)
 
 
 # -- registry ------------------------------------------------------------------------------------

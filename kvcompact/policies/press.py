@@ -26,6 +26,7 @@ class KVPressPolicy(Policy):
 
     name = "kvpress"
     observes_hidden = True
+    needs_values = True
 
     def __init__(self, press, *, window: int = 64, **kw):
         if not hasattr(press, "score"):
