@@ -652,3 +652,21 @@ def test_observed_crop_forgets_newest_tokens():
     assert obs.num_pending == 0 and obs.attn_mass.shape[-1] == 8 and obs.queries is None
     obs.fold(torch.randn(1, 1, 8, 8))
     assert obs.attn_mass.shape[-1] == 8
+
+
+def test_layer_keys_dequantizes_codes_without_the_workspace():
+    from types import SimpleNamespace
+
+    from kvcompact import ops
+
+    k, v = rand_kv(b=1, h=2, t=24, d=32)
+    kc, ks = ops.quantize(k, "fp8_e4m3", 16)
+    vc, vs = ops.quantize(v, "fp8_e4m3", 16)
+    pad = lambda t: torch.cat([t, torch.zeros_like(t[:, :, :8])], dim=2)  # capacity beyond length
+    store = SimpleNamespace(fmt="fp8_e4m3", length=24, key_codes=pad(kc), key_scales=pad(ks), value_codes=pad(vc), value_scales=pad(vs))
+    layer = SimpleNamespace(storage=store)
+    keys, values = P.layer_keys(layer, with_values=False)
+    assert values is None and keys.dtype == torch.float32
+    assert torch.equal(keys, reference.dequantize(kc, ks, torch.float32))
+    keep = get_policy("knorm", sinks=2, recent=4).keep_indices(layer, 10)
+    assert torch.equal(keep, ref_select(-keys.norm(dim=-1), 10, 2, 4))
