@@ -1,0 +1,178 @@
+"""``kvcompact.attach(model, cache)``: capture the query states that query-aware policies score with.
+
+How. A forward *pre*-hook on every attention module (transformers' Llama/Qwen2/Qwen3/Mistral/Phi3
+family: ``q_proj`` or fused ``qkv_proj``, ``layer_idx``, and ``position_embeddings=(cos, sin)``
+passed to the attention forward, as in 4.56 ... 5.23) recomputes ``q = RoPE(q_proj(h))`` -- with
+``q_norm`` where the model has one and partial rotary where ``cos`` is narrower than ``head_dim`` --
+and hands it to the layer's :class:`ObservedQueries`. The hook runs *before* the attention forward,
+hence before ``cache.update``, which is where a budgeted cache evicts: the queries of the very
+chunk being appended are available to that eviction (SnapKV at prefill needs exactly that). It
+does not depend on the attention implementation (sdpa, eager, flash...), and costs one extra
+``q_proj`` over the newest ``window`` tokens (every token for h2o).
+
+Coupling to the cache: ONE attribute. The hook writes ``cache.observed[layer_idx]``
+(a ``dict[int, ObservedQueries]``, created if absent); the cache passes
+``observed=self.observed.get(layer_idx)`` to ``policy.keep_indices``. Cache-only policies
+(streaming, knorm, random, spans) install no hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from kvcompact.policies.base import get_policy
+from kvcompact.policies.observed import ObservedQueries
+
+__all__ = ["attach", "attention_modules", "query_states"]
+
+# Accumulating (h2o) layers the cache never evicts (no budget) fold their queries into the mass
+# once this many are pending, so the pending queries never outgrow a bounded buffer.
+MAX_PENDING = 512
+
+
+def attention_modules(model) -> list[tuple[int, torch.nn.Module]]:
+    """``(layer_idx, module)`` of every self-attention module whose queries ``attach`` can recompute."""
+    found = []
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")) and hasattr(
+            module, "head_dim"
+        ):
+            found.append((idx, module))
+    return found
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def query_states(module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """The attention module's query states ``[B, H_q, Q, D]``, RoPE applied, as its forward computes them.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A Llama-family attention module.
+    hidden_states : torch.Tensor
+        ``[B, Q, hidden]`` the attention input (after the layer's input norm).
+    position_embeddings : tuple of torch.Tensor
+        ``(cos, sin)`` ``[B, Q, rotary_dim]`` for these ``Q`` tokens (neox rotate-half layout).
+    """
+    d = module.head_dim
+    if hasattr(module, "q_proj"):
+        q = module.q_proj(hidden_states)
+    else:  # fused projection (Phi3): queries come first
+        q = module.qkv_proj(hidden_states)[..., : module.config.num_attention_heads * d]
+    q = q.view(*hidden_states.shape[:-1], -1, d)
+    if getattr(module, "q_norm", None) is not None:  # Qwen3, OLMo2-style per-head norm, before RoPE
+        q = module.q_norm(q)
+    q = q.transpose(1, 2)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot = cos.shape[-1]
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    q_rot = (q_rot * cos) + (_rotate_half(q_rot) * sin)
+    return q_rot if rot == d else torch.cat([q_rot, q_pass], dim=-1)
+
+
+def _arg(args, kwargs, name, pos):
+    if name in kwargs:
+        return kwargs[name]
+    return args[pos] if len(args) > pos else None
+
+
+@contextlib.contextmanager
+def attach(model, cache, policy=None):
+    """Capture query states for ``cache``'s policy while the block runs.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A Llama-family decoder (sdpa, eager or any other attention implementation).
+    cache : KVCompactCache
+        The cache the forward passes use; forwards with another cache are not observed.
+    policy : str or Policy, optional
+        The policy whose needs decide what is captured; default ``cache.policy``.
+
+    Yields
+    ------
+    dict[int, ObservedQueries]
+        ``cache.observed`` (empty, and no hook installed, for cache-only policies).
+
+    Example
+    -------
+    >>> cache = KVCompactCache(model.config, budget=256, policy="snapkv")
+    >>> with kvcompact.attach(model, cache):
+    ...     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=300)
+    """
+    policy = getattr(cache, "policy", None) if policy is None else policy
+    policy = get_policy("streaming" if policy is None else policy)
+    observed = getattr(cache, "observed", None)
+    if observed is None:
+        observed = {}
+        cache.observed = observed
+    if policy.observes is None:
+        yield observed
+        return
+
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(
+            f"attach: no attention module with q_proj/qkv_proj, head_dim and layer_idx in {type(model).__name__}"
+        )
+    accumulate = policy.observes == "all"
+    window = max(int(policy.window), 1)
+    handles = []
+
+    def capture(module, args, kwargs):
+        pkv = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        if pkv is not None and pkv is not cache:
+            return
+        hidden = _arg(args, kwargs, "hidden_states", 0)
+        pe = _arg(args, kwargs, "position_embeddings", 1)
+        if pe is None:
+            raise RuntimeError(
+                f"attach: {type(module).__name__} received no position_embeddings=(cos, sin); "
+                "query-aware policies need a RoPE model on transformers >= 4.56"
+            )
+        obs = observed.get(module.layer_idx)
+        if obs is None:
+            obs = observed[module.layer_idx] = ObservedQueries(
+                window,
+                accumulate=accumulate,
+                scaling=getattr(module, "scaling", None),
+                keep_hidden=policy.observes_hidden,
+            )
+        if not accumulate:  # only the newest `window` queries are kept: project only those
+            hidden = hidden[:, -window:]
+            pe = (pe[0][..., -window:, :], pe[1][..., -window:, :])
+        with torch.no_grad():
+            q = query_states(module, hidden, pe)
+        obs.observe(q, hidden_states=hidden, position_embeddings=pe, module=module)
+
+    def fold_if_idle(module, args, kwargs, output):
+        obs = observed.get(module.layer_idx)
+        if obs is None or obs.num_pending < MAX_PENDING:
+            return
+        layers = getattr(cache, "layers", None)
+        layer = layers[module.layer_idx] if layers is not None and module.layer_idx < len(layers) else None
+        if layer is None or getattr(layer, "is_sliding", False):
+            obs.pending = None  # never evicted by budget: nothing will read the mass
+            return
+        from kvcompact.policies.base import layer_keys
+
+        with torch.no_grad():
+            obs.fold(layer_keys(layer)[0])
+
+    try:
+        for _, module in modules:
+            handles.append(module.register_forward_pre_hook(capture, with_kwargs=True))
+            if accumulate:
+                handles.append(module.register_forward_hook(fold_if_idle, with_kwargs=True))
+        yield observed
+    finally:
+        for h in handles:
+            h.remove()
