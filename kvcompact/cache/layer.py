@@ -161,6 +161,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
                 # still needs the pre-eviction tokens. One copy per eviction, i.e. per `slack` steps.
                 keys, values = keys.clone(), values.clone()
             self.compact(self.select(self, budget, keys, values))
+            self.storage.shrink(budget)
         return keys, values
 
     def _update_windowed(self, key_states, value_states, q):

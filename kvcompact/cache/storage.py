@@ -145,6 +145,18 @@ class TokenStore:
             grown = self.capacity + self.capacity // 16 if self.capacity else 0
             self._alloc(_round_up(max(need, grown)))
 
+    def shrink(self, tokens: int) -> None:
+        """Give back capacity beyond ``tokens`` when it is at least twice what is needed.
+
+        Called after a budget eviction: a long prompt grows the buffers to the prompt length,
+        and compaction alone would leave that capacity allocated. Reallocating once (one copy of
+        the kept tokens) makes the eviction free real memory; the 1.5x hysteresis keeps decode-time
+        evictions (which leave about budget + slack of capacity) from reallocating.
+        """
+        target = _round_up(max(tokens, self.length))
+        if 2 * self.capacity > 3 * target:
+            self._alloc(target)
+
     # -- the hot path --------------------------------------------------------------------------
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
