@@ -87,22 +87,11 @@ class DemoResult:
         }
 
 
-class FedTokenCounter:
-    """Counts the tokens a model is asked to process (a forward pre-hook)."""
-
-    def __init__(self, model):
-        self.count = 0
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is None and args:
-            ids = args[0]
-        if ids is not None:
-            self.count += int(ids.shape[-1])
-
-    def close(self) -> None:
-        self._handle.remove()
+def _model_name(model) -> str:
+    path = str(getattr(model.config, "name_or_path", "") or "")
+    if "SmolLM2-135M-Instruct" in path:
+        return "SmolLM2-135M-Instruct (embedded)"
+    return path or type(model).__name__
 
 
 def dynamic_cache_bytes(cache) -> int:
@@ -125,11 +114,14 @@ def compact_kv_bytes(cache) -> tuple[int, int]:
     return s.device_bytes + getattr(s, "workspace_bytes", 0), s.dense_bytes
 
 
-def apply_compaction(session, cfg: DemoConfig, tokenizer) -> tuple[int, int, int]:
-    """Turn compact_messages' plan into in-place edits; returns (replaced, dropped, tokens avoided).
+def apply_compaction(session, cfg: DemoConfig, tokenizer) -> tuple[int, int, int, int]:
+    """Turn compact_messages' plan into in-place edits.
 
-    ``tokens avoided`` is what a message-level compactor without KV editing would
-    re-prefill: everything from the first edited message to the end of the context.
+    Returns ``(replaced, dropped, tokens avoided, tokens re-prefilled)``. ``tokens
+    avoided`` is what a message-level compactor without KV editing would re-prefill:
+    everything from the first edited message to the end of the context. ``tokens
+    re-prefilled`` is measured: tokens the edits fed to the model beyond the new
+    (truncated) texts themselves.
     """
     from kvcompact.agent import compact_messages
 
@@ -138,15 +130,18 @@ def apply_compaction(session, cfg: DemoConfig, tokenizer) -> tuple[int, int, int
         observation_budget=cfg.observation_budget, tokenizer=tokenizer,
     ).plan
     if not plan.truncated and not plan.dropped:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     edited = [t.ref for t in plan.truncated] + [d.ref for d in plan.dropped]
     first_start = min(session.spans[ref][0] for ref in edited)
-    avoided = session.cache.get_seq_length() - first_start
+    avoided = len(session.token_ids) - first_start
+    fed_before, new_text_tokens = session.fed_tokens, 0
     for t in plan.truncated:
-        session.replace(t.ref, t.text)
+        _, new_tokens = session.replace(t.ref, t.text)
+        new_text_tokens += new_tokens
     for d in plan.dropped:
         session.drop(d.ref)
-    return len(plan.truncated), len(plan.dropped), max(avoided, 0)
+    reprefilled = session.fed_tokens - fed_before - new_text_tokens
+    return len(plan.truncated), len(plan.dropped), max(avoided, 0), reprefilled
 
 
 def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None) -> DemoResult:
@@ -157,7 +152,7 @@ def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None) -> DemoResult:
     from kvcompact.agent import Session
 
     steps = build_steps()[: cfg.steps]
-    result = DemoResult(config=cfg, device=str(model.device), model=model.config.name_or_path or "SmolLM2-135M-Instruct")
+    result = DemoResult(config=cfg, device=str(model.device), model=_model_name(model))
     dense = Session(model, tokenizer, cache=DynamicCache())
     compact = Session(
         model, tokenizer,
@@ -167,7 +162,6 @@ def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None) -> DemoResult:
         s.add("system", SYSTEM_PROMPT)
         s.add("user", TASK)
 
-    counter = FedTokenCounter(model)
     replaced = dropped = 0
     try:
         for i, step in enumerate(steps, 1):
@@ -178,16 +172,17 @@ def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None) -> DemoResult:
             t1 = time.perf_counter()
 
             compact.add("tool", observation)
-            fed_before = counter.count
+            fed_before, held_before = compact.fed_tokens, len(compact.token_ids)
             compact_answer = compact.generate(max_new_tokens=cfg.max_new_tokens, do_sample=False)
-            # Only the new observation, the template's glue and the reply may be fed.
-            r, d, avoided = apply_compaction(compact, cfg, tokenizer)
+            # Everything fed beyond what the context grew by was fed twice (a re-prefill).
+            result.tokens_reprefilled += (compact.fed_tokens - fed_before) - (len(compact.token_ids) - held_before)
+            r, d, avoided, reprefilled = apply_compaction(compact, cfg, tokenizer)
+            result.tokens_reprefilled += reprefilled
             replaced += r
             dropped += d
             t2 = time.perf_counter()
             result.dense_seconds += t1 - t0
             result.compact_seconds += t2 - t1
-            del fed_before
 
             compact_bytes, compact_dense = compact_kv_bytes(compact.cache)
             record = StepRecord(
@@ -206,7 +201,6 @@ def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None) -> DemoResult:
             if on_step is not None:
                 on_step(record)
     finally:
-        counter.close()
-    result.tokens_reprefilled = getattr(compact, "reprefilled_tokens", 0)
+        compact.close()  # frees its buffers; the DynamicCache goes with its session
     result.edits = {"replaced": replaced, "dropped": dropped}
     return result
