@@ -244,13 +244,18 @@ def cache_factories(config, device: str) -> tuple[dict, dict]:
     from transformers import DynamicCache
 
     from kvcompact.cache import KVCompactCache
+    from kvcompact.cache.cache import default_group_size
 
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     made = {
         "DynamicCache": lambda: DynamicCache(config=config),
         "KVCompact(None)": lambda: KVCompactCache(config),
-        "KVCompact(fp8_e4m3)": lambda: KVCompactCache(config, kv_dtype="fp8_e4m3"),
-        "KVCompact(int8)": lambda: KVCompactCache(config, kv_dtype="int8"),
     }
+    for fmt in ("fp8_e4m3", "int8"):
+        # The default group size differs per format; the row says which one ran.
+        group = default_group_size(fmt, head_dim) or head_dim
+        made[f"KVCompact({fmt} g{group})"] = lambda fmt=fmt: KVCompactCache(config, kv_dtype=fmt)
     missing = {}
     try:
         from transformers import QuantizedCache
@@ -348,19 +353,21 @@ def bench_decode(model, device: str, context: int, cfg: BenchConfig, log) -> lis
     for name in order:
         case = f"decode @{context} {name}"
         if name in missing:
-            rows.append(Row("decode", case, None, "ms/token", base, note=f"n/a: {missing[name]}"))
+            rows.append(Row("decode", case, None, "ms/token", base, note=f"n/a: {missing[name]}",
+                            extra={"cache": name}))
             continue
         stored, scratch = kv[name]
         note = f"+{scratch / MiB:.2f} MiB dequant scratch" if scratch else NOTES.get(name, "")
-        extra = {"ms_per_token_all": times[name], "workspace_bytes": scratch,
+        extra = {"cache": name, "ms_per_token_all": times[name], "workspace_bytes": scratch,
                  "tokens": caches[name].get_seq_length()}
         vs = base if name != base else f"{base} (reference)"
         rows.append(Row("decode", case, ms[name], "ms/token", vs, ms[base], ms[base] / ms[name],
                         stored, stored / kv[base][0], note, extra))
         peer = "HF QuantizedCache(fp8)"
-        if name == "KVCompact(fp8_e4m3)" and peer in ms:
+        if name.startswith("KVCompact(fp8_e4m3") and peer in ms:
             rows.append(Row("decode", case, ms[name], "ms/token", peer, ms[peer], ms[peer] / ms[name],
-                            stored, stored / kv[peer][0], "KV ratio vs the peer's bytes"))
+                            stored, stored / kv[peer][0], "KV ratio vs the peer's bytes",
+                            {"cache": name}))
     return rows
 
 
