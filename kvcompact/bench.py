@@ -446,8 +446,13 @@ def run_bench(*, quick: bool, device: str = "auto", threads: int | None = None,
         raise ValueError(f"--device must be auto, cpu or cuda; got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    import kvcompact
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not kvcompact.build_info()["cuda_kernels"]:
+        raise ValueError("--device cuda: this build of kvcompact has no CUDA kernels; rebuild it "
+                         "with CUDA (KVCOMPACT_DEVICE=cuda) or pass --device cpu")
     if threads is not None:
         if threads <= 0:
             raise ValueError(f"--threads must be a positive integer; got {threads}")
@@ -482,8 +487,6 @@ def run_bench(*, quick: bool, device: str = "auto", threads: int | None = None,
     print(format_table(rows), file=stream)
 
     import transformers
-
-    import kvcompact
 
     doc = {
         "benchmark": "kvcompact bench",

@@ -1,5 +1,7 @@
 """`kvcompact bench`: the whole command in process, on tiny shapes and a random Llama (--smoke)."""
 
+import contextlib
+import io
 import json
 import math
 
@@ -28,13 +30,12 @@ def smoke_run(tmp_path_factory):
     """One --quick --smoke run shared by the tests below (about 3 s)."""
     out = tmp_path_factory.mktemp("bench") / "sub" / "bench.json"  # the folder is created
     threads = torch.get_num_threads()
-    import io
-    import contextlib
-
     stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = cli.main(["bench", "--quick", "--smoke", "--threads", "1", "--out", str(out)])
-    torch.set_num_threads(threads)  # --threads is process-wide; give the other tests theirs back
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = cli.main(["bench", "--quick", "--smoke", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide; give the other tests theirs back
     return rc, stdout.getvalue(), stderr.getvalue(), out
 
 
