@@ -293,7 +293,7 @@ def _kv_bytes(cache, device: str) -> tuple[int, int]:
     if isinstance(cache, KVCompactCache):
         s = cache.stats()
         return s.device_bytes, s.workspace_bytes
-    return sum(tensor_bytes(layer, device) for layer in cache.layers), 0
+    return tensor_bytes(getattr(cache, "layers", cache), device), 0
 
 
 NOTES = {
