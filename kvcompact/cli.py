@@ -381,3 +381,39 @@ def demo(args: argparse.Namespace) -> int:
     paths = write_outputs(result, args.out)
     print(f"\nwrote {paths['json']} and {paths['plot']}")
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="4k-token kernel tensors and a 1k context only (about a minute on 2 CPU cores)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where everything runs (auto: a GPU when there is one)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads (default: torch's); 1 gives stable numbers on a shared machine")
+    p.add_argument("--out", default="kvcompact-bench.json", metavar="FILE",
+                   help="where the JSON report goes (default: ./kvcompact-bench.json)")
+    # Tiny shapes and a random 2-layer Llama: lets the test suite run the whole command in seconds.
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+
+
+@command(
+    "bench",
+    help="kernel and cache benchmarks beside their peers, in one table",
+    arguments=_bench_arguments,
+    description=(
+        "Measure kvcompact's kernels (quantize, dequantize, compact_, rope_shift_) beside torch\n"
+        "eager doing the same contract and a copy_ of the same bytes, and decode speed and KV\n"
+        "bytes of KVCompactCache beside DynamicCache, transformers' QuantizedCache(fp8) and (on a\n"
+        "GPU) the offloaded DynamicCache, side by side in one process. Prints one table where\n"
+        "each row has what it is compared with and the ratio; writes JSON to --out."
+    ),
+)
+def bench(args: argparse.Namespace) -> int:
+    from kvcompact.bench import run
+
+    return run(args)
