@@ -28,9 +28,8 @@ import torch
 import kvcompact
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import soak_steps  # noqa: E402  (tests/soak/conftest.py)
+from conftest import soak_steps  # noqa: E402  (tests/conftest.py)
 
 BUDGET = 512  # slack = 64: one compaction every 64 decode steps once full
 OBJ_TOLERANCE = 64  # gc object-count noise between two samples (hypothesis/pytest internals)
