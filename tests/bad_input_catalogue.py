@@ -20,6 +20,8 @@ import torch
 
 import kvcompact
 from kvcompact import ops
+from kvcompact.agent.checkpoint import CheckpointError
+from kvcompact.offload import PoolExhaustedError
 
 F32, BF16, I64 = torch.float32, torch.bfloat16, torch.int64
 E4M3 = torch.float8_e4m3fn
@@ -227,15 +229,15 @@ CATALOGUE = [
     ("session non-empty cache", ValueError, "cache", _session_nonempty_cache),
     ("session budget cache", ValueError, "budget", lambda: _session(_cache(budget=64))),
     # -- pinned pool
-    ("pool exhausted", MemoryError, "pool", _pool_tensor_too_big),
+    ("pool exhausted", PoolExhaustedError, "PinnedPool", _pool_tensor_too_big),
     ("pool negative capacity", ValueError, "capacity", _pool_negative),
     # -- checkpoints
-    ("checkpoint flipped byte", ValueError, "sha256", lambda: _ckpt_dir(_flip_byte)),
-    ("checkpoint truncated file", ValueError, "", lambda: _ckpt_dir(_truncate_tensor_file)),
-    ("checkpoint garbage manifest", ValueError, "manifest", lambda: _ckpt_dir(_garbage_manifest)),
-    ("checkpoint future version", ValueError, "version", lambda: _ckpt_dir(_version_bump)),
-    ("checkpoint missing tensor file", ValueError, "", lambda: _ckpt_dir(_delete_tensor_file)),
-    ("checkpoint missing dir", ValueError, "nope", _missing_dir),
+    ("checkpoint flipped byte", CheckpointError, "sha256", lambda: _ckpt_dir(_flip_byte)),
+    ("checkpoint truncated file", CheckpointError, "truncated", lambda: _ckpt_dir(_truncate_tensor_file)),
+    ("checkpoint garbage manifest", CheckpointError, "manifest", lambda: _ckpt_dir(_garbage_manifest)),
+    ("checkpoint future version", CheckpointError, "version", lambda: _ckpt_dir(_version_bump)),
+    ("checkpoint missing tensor file", CheckpointError, "missing", lambda: _ckpt_dir(_delete_tensor_file)),
+    ("checkpoint missing dir", CheckpointError, "nope", _missing_dir),
     # -- CLI
     ("cli estimate negative context", ValueError, "--context", lambda: _cli("estimate", "--model", "llama3-8b", "--context", "-5")),
     ("cli estimate bad kv-dtype", ValueError, "--kv-dtype", lambda: _cli("estimate", "--model", "llama3-8b", "--kv-dtype", "int3")),
