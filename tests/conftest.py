@@ -15,9 +15,9 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 def pytest_addoption(parser):
     parser.addoption("--soak-steps", type=int, default=None,
-                     help="decode steps for tests/soak (default 1000; env KVCOMPACT_SOAK_STEPS)")
+                     help="decode steps for tests/soak (CI default: 1000 cache, 500 session; env KVCOMPACT_SOAK_STEPS)")
 
 
-def soak_steps(config) -> int:
-    """Decode steps of the soak test: --soak-steps, else KVCOMPACT_SOAK_STEPS, else 1000 (CI)."""
-    return config.getoption("--soak-steps") or int(os.environ.get("KVCOMPACT_SOAK_STEPS", "0")) or 1000
+def soak_steps(config, default: int = 1000) -> int:
+    """Decode steps of a soak test: --soak-steps, else KVCOMPACT_SOAK_STEPS, else ``default`` (CI)."""
+    return config.getoption("--soak-steps") or int(os.environ.get("KVCOMPACT_SOAK_STEPS", "0")) or default

@@ -11,8 +11,8 @@ longer occupies one token range):
   tool results and generating, dropping / replacing old messages every few rounds; the rendering
   stays exact and ``device_bytes`` / object counts stay flat.
 
-``--soak-steps N`` (or KVCOMPACT_SOAK_STEPS) sets the decode steps (default 1,000, the CI
-version; 10,000 for the long run). Numbers are printed (``-s``) for docs/reliability.md.
+``--soak-steps N`` (or KVCOMPACT_SOAK_STEPS) sets the decode steps of both loops (CI defaults:
+1,000 for the cache, 500 for the session; 10,000 for the long run). Numbers are printed (``-s``) for docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_session_soak_drop_replace_fp8(request):
     from agent_fixtures import smollm2_tokenizer
     from kvcompact.agent import Session
 
-    steps = soak_steps(request.config)
+    steps = soak_steps(request.config, default=500)  # a session round costs more: 500 in CI
     tokenizer = smollm2_tokenizer()
     model = _tiny_llama(len(tokenizer))
     cache = kvcompact.KVCompactCache(model.config, kv_dtype="fp8_e4m3")
