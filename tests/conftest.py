@@ -11,3 +11,13 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak-steps", type=int, default=None,
+                     help="decode steps for tests/soak (CI default: 1000 cache, 500 session; env KVCOMPACT_SOAK_STEPS)")
+
+
+def soak_steps(config, default: int = 1000) -> int:
+    """Decode steps of a soak test: --soak-steps, else KVCOMPACT_SOAK_STEPS, else ``default`` (CI)."""
+    return config.getoption("--soak-steps") or int(os.environ.get("KVCOMPACT_SOAK_STEPS", "0")) or default

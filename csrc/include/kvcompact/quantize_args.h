@@ -2,6 +2,7 @@
 // two backends accept and reject exactly the same inputs.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 
 #include <c10/util/string_view.h>
@@ -43,6 +44,12 @@ inline QuantizeShape check_quantize_into(const char* op, const at::Tensor& x,
   const int64_t groups = scales.size(-1);
   TORCH_CHECK_VALUE(groups > 0 && dim % groups == 0, op, ": `scales` last dim (", groups,
                     ") must divide D = ", dim);
+  // An expanded output (stride 0) would be written by several rows at once: on CUDA a race,
+  // on CPU the last row silently wins. Refused like an in-place torch op does.
+  TORCH_CHECK_VALUE(at::has_internal_overlap(codes) != at::MemOverlap::Yes, op,
+                    ": `codes` has elements sharing memory (an expanded view?); it cannot be written");
+  TORCH_CHECK_VALUE(at::has_internal_overlap(scales) != at::MemOverlap::Yes, op,
+                    ": `scales` has elements sharing memory (an expanded view?); it cannot be written");
   return QuantizeShape{fmt, x.numel() / dim, dim, dim / groups, groups};
 }
 
@@ -68,6 +75,8 @@ inline QuantizeShape check_dequantize_into(const char* op, const at::Tensor& cod
   const int64_t groups = scales.size(-1);
   TORCH_CHECK_VALUE(groups > 0 && dim % groups == 0, op, ": `scales` last dim (", groups,
                     ") must divide D = ", dim);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+                    ": `out` has elements sharing memory (an expanded view?); it cannot be written");
   return QuantizeShape{fmt, codes.numel() / dim, dim, dim / groups, groups};
 }
 
