@@ -20,7 +20,13 @@ HERE = Path(__file__).parent
 def test_bad_input_catalogue():
     # Run from tests/ (not the repository root) so the installed package is what gets imported,
     # as for the rest of the suite; PYTHONPATH passes through for in-place builds.
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    import kvcompact
+
+    # The child imports the kvcompact this process imported (installed in CI, an
+    # in-place build in a checkout).
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(kvcompact.__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1",
+               PYTHONPATH=package_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(HERE / "bad_input_catalogue.py")], capture_output=True,
                           text=True, timeout=300, env=env, cwd=str(HERE))
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
