@@ -74,7 +74,7 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     macros = [("KVCOMPACT_TORCH_VERSION", f'"{torch.__version__}"')]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    # NOTE: no --use_fast_math anywhere: the quantization contract needs IEEE
+    # NOTE: no fast-math flag for nvcc or the host compiler: the quantization contract needs IEEE
     # division and rounding so CPU and CUDA agree bit for bit.
     # -fno-trapping-math only promises that no FP trap handler is installed, so
     # the vectorizer may evaluate both sides of a select (the branch-free fp8
