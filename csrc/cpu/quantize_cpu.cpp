@@ -134,17 +134,9 @@ void quantize_into_cpu(const at::Tensor& x, const at::Tensor& codes, const at::T
   const QuantizeShape shape = check_quantize_into("quantize_into_", x, codes, scales, fmt);
   if (shape.rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_into_", [&] {
-    switch (shape.fmt) {
-      case QuantFormat::kFp8E4M3:
-        quantize_rows<QuantFormat::kFp8E4M3, scalar_t>(x, codes, scales, shape);
-        break;
-      case QuantFormat::kFp8E5M2:
-        quantize_rows<QuantFormat::kFp8E5M2, scalar_t>(x, codes, scales, shape);
-        break;
-      case QuantFormat::kInt8:
-        quantize_rows<QuantFormat::kInt8, scalar_t>(x, codes, scales, shape);
-        break;
-    }
+    dispatch_format(shape.fmt, [&](auto format) {
+      quantize_rows<decltype(format)::value, scalar_t>(x, codes, scales, shape);
+    });
   });
 }
 
@@ -153,17 +145,9 @@ void dequantize_into_cpu(const at::Tensor& codes, const at::Tensor& scales,
   const QuantizeShape shape = check_dequantize_into("dequantize_into_", codes, scales, out);
   if (shape.rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_into_", [&] {
-    switch (shape.fmt) {
-      case QuantFormat::kFp8E4M3:
-        dequantize_rows<QuantFormat::kFp8E4M3, scalar_t>(codes, scales, out, shape);
-        break;
-      case QuantFormat::kFp8E5M2:
-        dequantize_rows<QuantFormat::kFp8E5M2, scalar_t>(codes, scales, out, shape);
-        break;
-      case QuantFormat::kInt8:
-        dequantize_rows<QuantFormat::kInt8, scalar_t>(codes, scales, out, shape);
-        break;
-    }
+    dispatch_format(shape.fmt, [&](auto format) {
+      dequantize_rows<decltype(format)::value, scalar_t>(codes, scales, out, shape);
+    });
   });
 }
 

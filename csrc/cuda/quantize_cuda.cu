@@ -389,17 +389,9 @@ void quantize_into_cuda(const at::Tensor& x, const at::Tensor& codes, const at::
   if (shape.rows == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   KVCOMPACT_DISPATCH_ACTIVATION(x.scalar_type(), "quantize_into_", [&] {
-    switch (shape.fmt) {
-      case QuantFormat::kFp8E4M3:
-        launch_quantize<QuantFormat::kFp8E4M3, scalar_t>(x, codes, scales, shape);
-        break;
-      case QuantFormat::kFp8E5M2:
-        launch_quantize<QuantFormat::kFp8E5M2, scalar_t>(x, codes, scales, shape);
-        break;
-      case QuantFormat::kInt8:
-        launch_quantize<QuantFormat::kInt8, scalar_t>(x, codes, scales, shape);
-        break;
-    }
+    dispatch_format(shape.fmt, [&](auto format) {
+      launch_quantize<decltype(format)::value, scalar_t>(x, codes, scales, shape);
+    });
   });
 }
 
@@ -409,17 +401,9 @@ void dequantize_into_cuda(const at::Tensor& codes, const at::Tensor& scales,
   if (shape.rows == 0) return;
   const c10::cuda::CUDAGuard guard(codes.device());
   KVCOMPACT_DISPATCH_ACTIVATION(out.scalar_type(), "dequantize_into_", [&] {
-    switch (shape.fmt) {
-      case QuantFormat::kFp8E4M3:
-        launch_dequantize<QuantFormat::kFp8E4M3, scalar_t>(codes, scales, out, shape);
-        break;
-      case QuantFormat::kFp8E5M2:
-        launch_dequantize<QuantFormat::kFp8E5M2, scalar_t>(codes, scales, out, shape);
-        break;
-      case QuantFormat::kInt8:
-        launch_dequantize<QuantFormat::kInt8, scalar_t>(codes, scales, out, shape);
-        break;
-    }
+    dispatch_format(shape.fmt, [&](auto format) {
+      launch_dequantize<decltype(format)::value, scalar_t>(codes, scales, out, shape);
+    });
   });
 }
 

@@ -23,12 +23,24 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace kvcompact {
 
 // Values are part of the op schema's contract with Python (the `fmt` string is
 // parsed into this enum in checks.h); do not renumber.
 enum class QuantFormat : int { kFp8E4M3 = 0, kFp8E5M2 = 1, kInt8 = 2 };
+
+// Calls fn(std::integral_constant<QuantFormat, F>{}) for the runtime format, so
+// every backend turns `fmt` into a template argument in one place.
+template <typename Fn>
+inline void dispatch_format(QuantFormat fmt, Fn&& fn) {
+  switch (fmt) {
+    case QuantFormat::kFp8E4M3: fn(std::integral_constant<QuantFormat, QuantFormat::kFp8E4M3>{}); break;
+    case QuantFormat::kFp8E5M2: fn(std::integral_constant<QuantFormat, QuantFormat::kFp8E5M2>{}); break;
+    case QuantFormat::kInt8: fn(std::integral_constant<QuantFormat, QuantFormat::kInt8>{}); break;
+  }
+}
 
 template <QuantFormat F>
 struct FormatTraits;
