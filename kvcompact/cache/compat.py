@@ -1,13 +1,18 @@
 """Every transformers-version difference the cache depends on, in one place.
 
-Supported: transformers 4.56 ... 5.23. The interface moved at three points:
+Supported: transformers 4.57 ... 5.24. The interface moved at four points:
 
 * 5.4  -- ``cache_position`` left the cache API: ``get_mask_sizes(cache_position)`` became
   ``get_mask_sizes(query_length)``, ``lazy_initialization(k)`` became ``lazy_initialization(k, v)``,
   and models stopped passing ``cache_kwargs`` to ``update``.
 * 5.14 -- ``get_max_length()`` replaced ``get_max_cache_shape()``.
 * 5.16/5.17 -- ``crop(n)``: a negative ``n`` removes ``n`` tokens; 4.x also accepted a positive
-  ``n`` meaning "keep the first ``n``", which 5.23's own layers reject.
+  ``n`` meaning "keep the first ``n``", which 5.23's own layers reject. Since 5.14 ``crop(0)`` (or
+  ``crop(-0)``) removes nothing: assisted and prompt-lookup decoding call it when every candidate
+  token was accepted.
+* 5.24 -- ``past_key_values=`` became ``cache=`` in ``forward``, ``generate`` and the attention
+  modules' keyword arguments (the old name is deprecated, removal announced for 5.40). kvcompact
+  passes its cache under :data:`CACHE_ARG`, so no deprecation warning comes from its own calls.
 
 The layer and cache classes accept every form (duck typing on the argument), so this module only
 answers questions; it never patches transformers.
@@ -24,6 +29,9 @@ __all__ = [
     "Cache",
     "CacheLayerMixin",
     "TRANSFORMERS_VERSION",
+    "CACHE_ARG",
+    "cache_kwargs",
+    "cache_from_kwargs",
     "query_length",
     "crop_count",
     "layer_kinds",
@@ -31,6 +39,29 @@ __all__ = [
 ]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__).release
+
+# The keyword a model's forward / generate takes the cache under (see the module docstring).
+CACHE_ARG = "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """``{CACHE_ARG: cache}``: splat into ``model(...)`` or ``model.generate(...)`` on any version.
+
+    Example
+    -------
+    >>> out = model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+    """
+    return {CACHE_ARG: cache}
+
+
+def cache_from_kwargs(kwargs) -> object | None:
+    """The cache an attention module was handed, under whichever name this version uses (or None)."""
+    for name in ("cache", "past_key_values", "past_key_value"):
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    return None
+
 
 # Layer types whose cache is a plain growing K/V list (full) or a window of it (sliding, chunked).
 _FULL = ("full_attention",)
@@ -53,11 +84,14 @@ def query_length(query_or_cache_position) -> int:
 def crop_count(n: int, logical_len: int) -> int:
     """Tokens to remove for ``crop(n)`` under either convention.
 
-    Negative ``n`` removes ``-n`` tokens (every version). A positive ``n`` is the 4.x legacy
-    "keep the first ``n`` tokens"; it is honoured on every version rather than rejected, since the
-    meaning is unambiguous.
+    Negative ``n`` removes ``-n`` tokens (every version). ``0`` removes nothing: since 5.14 that is
+    what ``crop(-0)`` means, and ``generate`` calls it in assisted / prompt-lookup decoding whenever
+    every candidate was accepted (4.x read ``crop(0)`` as "keep 0 tokens", but no 4.x caller passes
+    0, so the 5.x reading is taken on every version). A positive ``n`` is the 4.x legacy "keep the
+    first ``n`` tokens"; it is honoured on every version rather than rejected, since the meaning is
+    unambiguous.
     """
-    if n < 0:
+    if n <= 0:
         return min(-n, logical_len)
     return max(logical_len - n, 0)
 
