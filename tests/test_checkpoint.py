@@ -268,3 +268,78 @@ def test_sigkill_during_write_leaves_a_loadable_checkpoint(tmp_path):
     assert read_checkpoint(path)[1]["k"] == 99 and _leftovers(tmp_path) == []
     assert len(set(outcomes)) > 1  # kills landed at different points
     assert mid_write >= 5, f"only {mid_write} of 20 kills interrupted a write"
+
+
+# --------------------------------------------------------------------------- manifest file names
+
+def _listing_manifest(path, fname, info):
+    """Re-sign the manifest of ``path`` with ``files = {fname: info}`` (a valid checksum, so only the
+    file-name check can refuse it)."""
+    _rewrite_manifest(path, files={fname: info})
+
+
+def _file_info(file, tensors):
+    import hashlib
+    data = file.read_bytes()
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "tensors": sorted(tensors)}
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "nested", "backslash", "dot", "dotdot", "empty",
+                                  "symlink_out", "directory", "not_str"])
+def test_manifest_entries_must_be_plain_files_inside_the_checkpoint(tmp_path, kind):
+    """Defect 7: a manifest naming a file outside the checkpoint (or a directory) is refused, even
+    with a valid checksum and a valid file behind the name."""
+    from safetensors.torch import save_file
+
+    path = write_checkpoint(tmp_path / "ck", {"keys.0": torch.ones(2)}, {"step": 1})
+    secret = {"keys.0": torch.full((2,), 7.0)}
+    outside = tmp_path / "outside.safetensors"
+    save_file(secret, str(outside))
+    info = _file_info(outside, secret)
+    if kind == "parent":
+        fname = "../outside.safetensors"
+    elif kind == "absolute":
+        fname = str(outside)
+    elif kind == "nested":
+        (path / "sub").mkdir()
+        save_file(secret, str(path / "sub" / "x.safetensors"))
+        fname = "sub/x.safetensors"
+    elif kind == "backslash":
+        fname = "..\\outside.safetensors"
+    elif kind in ("dot", "dotdot", "empty"):
+        fname = {"dot": ".", "dotdot": "..", "empty": ""}[kind]
+    elif kind == "symlink_out":
+        fname = "link.safetensors"
+        os.symlink(outside, path / fname)
+    elif kind == "directory":
+        fname = "folder.safetensors"
+        (path / fname).mkdir()
+    else:
+        fname = None
+    if kind == "not_str":
+        # JSON keys are always strings; a non-dict "files" is the structural equivalent.
+        _rewrite_manifest(path, files=[["tensors-keys.safetensors", info]])
+        with pytest.raises(CheckpointError, match="files"):
+            read_checkpoint(path)
+        return
+    _listing_manifest(path, fname, info)
+    with pytest.raises(CheckpointError, match="manifest entry") as err:
+        read_checkpoint(path)
+    assert repr(fname) in str(err.value)
+
+
+def test_manifest_symlink_escaping_is_refused(tmp_path):
+    """The manifest itself may not be a link to a file elsewhere."""
+    path = write_checkpoint(tmp_path / "ck", {"keys.0": torch.ones(2)}, {"step": 1})
+    elsewhere = tmp_path / "elsewhere.json"
+    os.replace(path / MANIFEST, elsewhere)
+    os.symlink(elsewhere, path / MANIFEST)
+    with pytest.raises(CheckpointError, match="symlink"):
+        read_checkpoint(path)
+
+
+def test_manifest_entry_with_bad_info_is_refused(tmp_path):
+    path = write_checkpoint(tmp_path / "ck", {"keys.0": torch.ones(2)}, {"step": 1})
+    _listing_manifest(path, "tensors-keys.safetensors", {"sha256": "0" * 64})
+    with pytest.raises(CheckpointError, match="tensors-keys.safetensors"):
+        read_checkpoint(path)

@@ -287,6 +287,34 @@ def _recover(path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- read
 
+_INFO_KEYS = {"sha256": str, "bytes": int, "tensors": list}
+
+
+def _data_file(path: Path, fname, info) -> Path:
+    """``path / fname`` once ``fname`` is checked to name a plain file directly inside ``path``.
+
+    The manifest is checksummed, but a checksum only proves the manifest is the one that was
+    written, not that whoever wrote it was honest: a crafted manifest must not make the reader
+    open ``../x``, an absolute path, a nested path, or a link to a file elsewhere.
+    """
+    where = f"{path / MANIFEST}: manifest entry {fname!r}"
+    if not isinstance(fname, str) or not fname or fname in (".", "..") or "/" in fname or "\\" in fname \
+            or os.sep in fname or (os.altsep and os.altsep in fname) or "\0" in fname or os.path.isabs(fname):
+        raise CheckpointError(f"{where} is not a plain file name inside the checkpoint (no separators, '..' or "
+                              "absolute paths)")
+    if not isinstance(info, dict) or any(not isinstance(info.get(k), t) for k, t in _INFO_KEYS.items()):
+        raise CheckpointError(f"{where} must be an object with sha256 (str), bytes (int) and tensors (list), "
+                              f"got {info!r}")
+    fpath = path / fname
+    if fpath.is_symlink():
+        target = fpath.resolve()
+        if target.parent != path.resolve():
+            raise CheckpointError(f"{where} is a symlink to {target}, outside the checkpoint")
+    if os.path.lexists(fpath) and not fpath.is_file():
+        raise CheckpointError(f"{where} is not a regular file (a directory?)")
+    return fpath
+
+
 def read_checkpoint(path: str | os.PathLike, expected_model_identity: Mapping | None = None, *,
                     device: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Read and verify a checkpoint written by :func:`write_checkpoint`.
@@ -321,6 +349,9 @@ def read_checkpoint(path: str | os.PathLike, expected_model_identity: Mapping | 
     mpath = path / MANIFEST
     if not mpath.exists():
         raise CheckpointError(f"{path} is not a kvcompact checkpoint: {MANIFEST} is missing")
+    if mpath.is_symlink() or not mpath.is_file():
+        raise CheckpointError(f"{mpath} is a symlink or not a regular file; a checkpoint's manifest is a plain file "
+                              "inside it")
     raw = mpath.read_bytes()
     try:
         manifest = json.loads(raw.decode("ascii"))
@@ -353,9 +384,13 @@ def read_checkpoint(path: str | os.PathLike, expected_model_identity: Mapping | 
 
     from safetensors.torch import load
 
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{mpath}: 'files' must map file names to their sha256/bytes/tensors, "
+                              f"got {type(files).__name__}")
     tensors: dict = {}
-    for fname, info in sorted(manifest["files"].items()):
-        fpath = path / fname
+    for fname, info in sorted(files.items()):
+        fpath = _data_file(path, fname, info)
         if not fpath.exists():
             raise CheckpointError(f"{path}: file {fname} listed in the manifest is missing")
         data = fpath.read_bytes()
