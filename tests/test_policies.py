@@ -14,6 +14,7 @@ import torch
 
 import kvcompact.policies as P
 from kvcompact import reference
+from kvcompact.cache.compat import cache_kwargs
 from kvcompact.policies import ObservedQueries, get_policy, select_keep_idx
 
 transformers = pytest.importorskip("transformers")
@@ -461,10 +462,10 @@ def test_attach_captures_the_queries_attention_computed(kind, impl):
     cache = transformers.DynamicCache()
     ids = torch.randint(0, 128, (2, 21))
     with torch.no_grad(), record_rope(model) as seen, P.attach(model, cache, "h2o") as observed:
-        model(ids[:, :20], past_key_values=cache)
-        model(ids[:, 20:], past_key_values=cache)
+        model(ids[:, :20], **cache_kwargs(cache))
+        model(ids[:, 20:], **cache_kwargs(cache))
         other = transformers.DynamicCache()  # forwards with another cache are not observed
-        model(ids[:, :5], past_key_values=other)
+        model(ids[:, :5], **cache_kwargs(other))
     layers = len(model.model.layers)
     assert sorted(observed) == list(range(layers))
     for i in range(layers):
@@ -476,7 +477,7 @@ def test_attach_captures_the_queries_attention_computed(kind, impl):
 
     cache = transformers.DynamicCache()
     with torch.no_grad(), record_rope(model) as seen, P.attach(model, cache, P.SnapKVPolicy(window=8)) as observed:
-        model(ids[:, :20], past_key_values=cache)
+        model(ids[:, :20], **cache_kwargs(cache))
     for i in range(layers):
         assert observed[i].pending is None
         torch.testing.assert_close(observed[i].queries, seen[i][:, :, -8:], rtol=0, atol=1e-6)
@@ -487,7 +488,7 @@ def test_attach_is_a_no_op_for_cache_only_policies():
     cache = transformers.DynamicCache()
     with P.attach(model, cache, "knorm") as observed:
         assert all(not m._forward_pre_hooks for _, m in P.attention_modules(model))
-        model(torch.randint(0, 128, (1, 8)), past_key_values=cache)
+        model(torch.randint(0, 128, (1, 8)), **cache_kwargs(cache))
     assert observed == {} and cache.observed is observed
 
 
@@ -539,9 +540,9 @@ def test_h2o_mass_equals_eager_attention_through_evictions():
     try:
         ids = torch.randint(0, 128, (1, 60))
         with torch.no_grad(), P.attach(model, cache) as observed:
-            model(ids[:, :30], past_key_values=cache)
+            model(ids[:, :30], **cache_kwargs(cache))
             for j in range(30, 60):
-                model(ids[:, j : j + 1], past_key_values=cache)
+                model(ids[:, j : j + 1], **cache_kwargs(cache))
     finally:
         for h in handles:
             h.remove()
@@ -560,10 +561,10 @@ def test_snapkv_and_tova_run_inside_attach_with_per_head_eviction():
         g = torch.Generator().manual_seed(1)
         differ = False
         with torch.no_grad(), P.attach(model, cache):
-            model(torch.randint(0, 128, (1, 40), generator=g), past_key_values=cache)
+            model(torch.randint(0, 128, (1, 40), generator=g), **cache_kwargs(cache))
             first = dict(cache.last_keep)
             for _ in range(10):
-                model(torch.randint(0, 128, (1, 1), generator=g), past_key_values=cache)
+                model(torch.randint(0, 128, (1, 1), generator=g), **cache_kwargs(cache))
         for layer_idx in range(2):
             keep = first[layer_idx]  # the prefill eviction: 40 -> 20 tokens
             check_keep_idx(keep, 1, 2, 20, 40)
@@ -612,7 +613,7 @@ def test_kvpress_bridge_contract_without_kvpress():
     cache = CompactingDynamicCache(P.KVPressPolicy(press, window=8, sinks=2, recent=4), 16, 2)
     press.calls.clear()
     with torch.no_grad(), P.attach(model, cache):
-        model(torch.randint(0, 128, (1, 30)), past_key_values=cache)
+        model(torch.randint(0, 128, (1, 30)), **cache_kwargs(cache))
     module, hidden, attentions, kwargs = press.calls[0]
     assert module is model.model.layers[0].self_attn and attentions is None
     assert hidden.shape == (1, 8, 64) and kwargs["position_embeddings"][0].shape == (1, 8, 16)

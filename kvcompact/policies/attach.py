@@ -2,13 +2,24 @@
 
 How. A forward *pre*-hook on every attention module (transformers' Llama/Qwen2/Qwen3/Mistral/Phi3
 family: ``q_proj`` or fused ``qkv_proj``, ``layer_idx``, and ``position_embeddings=(cos, sin)``
-passed to the attention forward, as in 4.56 ... 5.23) recomputes ``q = RoPE(q_proj(h))`` -- with
+passed to the attention forward, as in 4.57 ... 5.24) recomputes ``q = RoPE(q_proj(h))`` -- with
 ``q_norm`` where the model has one and partial rotary where ``cos`` is narrower than ``head_dim`` --
 and hands it to the layer's :class:`ObservedQueries`. The hook runs *before* the attention forward,
 hence before ``cache.update``, which is where a budgeted cache evicts: the queries of the very
 chunk being appended are available to that eviction (SnapKV at prefill needs exactly that). It
 does not depend on the attention implementation (sdpa, eager, flash...), and costs one extra
 ``q_proj`` over the newest ``window`` tokens (every token for h2o).
+
+Which forwards. Only those whose attention receives ``cache`` itself: transformers passes it as
+``cache=`` from 5.24 on and as ``past_key_values=`` before (either keyword, or the fourth
+positional argument), read with :func:`kvcompact.cache.compat.cache_from_kwargs`. A forward with
+another cache, or none, appends nothing to ``cache``; observing it would misalign the queries with
+the cached tokens.
+
+RoPE. The ``(cos, sin)`` are the ones the model hands its attention, so length-dependent scaling
+(dynamic, longrope) is followed as the model computes it. Models that rotate interleaved pairs
+(GPT-J layout: Cohere, GLM...) or use multimodal RoPE (``mrope_section``) are refused with a
+``ValueError`` when ``attach`` is entered (:func:`kvcompact.rope.check_query_rope`).
 
 Coupling to the cache: ONE attribute. The hook writes ``cache.observed[layer_idx]``
 (a ``dict[int, ObservedQueries]``, created if absent); the cache passes
@@ -24,6 +35,7 @@ import torch
 
 from kvcompact.policies.base import get_policy
 from kvcompact.policies.observed import ObservedQueries
+from kvcompact.rope import check_query_rope
 
 __all__ = ["attach", "attention_modules", "query_states"]
 
@@ -59,7 +71,8 @@ def query_states(module, hidden_states: torch.Tensor, position_embeddings) -> to
     hidden_states : torch.Tensor
         ``[B, Q, hidden]`` the attention input (after the layer's input norm).
     position_embeddings : tuple of torch.Tensor
-        ``(cos, sin)`` ``[B, Q, rotary_dim]`` for these ``Q`` tokens (neox rotate-half layout).
+        ``(cos, sin)`` ``[B, Q, rotary_dim]`` (or ``[1, Q, rotary_dim]``) for these ``Q`` tokens,
+        neox rotate-half layout (interleaved models are refused by :func:`attach`).
     """
     d = module.head_dim
     if hasattr(module, "q_proj"):
@@ -71,6 +84,11 @@ def query_states(module, hidden_states: torch.Tensor, position_embeddings) -> to
         q = module.q_norm(q)
     q = q.transpose(1, 2)
     cos, sin = position_embeddings
+    if cos.dim() != 3 or cos.shape[-1] > d or cos.shape[-1] % 2:
+        raise ValueError(
+            f"position_embeddings: expected (cos, sin) of shape [B, Q, rotary_dim <= {d}], got {tuple(cos.shape)} "
+            f"from {type(module).__name__}"
+        )
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rot = cos.shape[-1]
     q_rot, q_pass = q[..., :rot], q[..., rot:]
@@ -84,6 +102,21 @@ def _arg(args, kwargs, name, pos):
     return args[pos] if len(args) > pos else None
 
 
+# Positional index of the cache in the attention forward: (hidden_states, position_embeddings,
+# attention_mask, past_key_values / cache) on every supported version.
+_CACHE_POS = 3
+
+
+def _forward_cache(args, kwargs):
+    """The cache an attention forward was handed (any keyword this version uses, or positional)."""
+    from kvcompact.cache.compat import cache_from_kwargs  # lazy: kvcompact.cache imports the policies
+
+    found = cache_from_kwargs(kwargs)
+    if found is None and len(args) > _CACHE_POS:
+        found = args[_CACHE_POS]
+    return found
+
+
 @contextlib.contextmanager
 def attach(model, cache, policy=None):
     """Capture query states for ``cache``'s policy while the block runs.
@@ -93,7 +126,7 @@ def attach(model, cache, policy=None):
     model : transformers.PreTrainedModel
         A Llama-family decoder (sdpa, eager or any other attention implementation).
     cache : KVCompactCache
-        The cache the forward passes use; forwards with another cache are not observed.
+        The cache the forward passes use; forwards with another cache (or none) are not observed.
     policy : str or Policy, optional
         The policy whose needs decide what is captured; default ``cache.policy``.
 
@@ -123,20 +156,20 @@ def attach(model, cache, policy=None):
         raise ValueError(
             f"attach: no attention module with q_proj/qkv_proj, head_dim and layer_idx in {type(model).__name__}"
         )
+    check_query_rope(model)
     accumulate = policy.observes == "all"
     window = max(int(policy.window), 1)
     handles = []
 
     def capture(module, args, kwargs):
-        pkv = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-        if pkv is not None and pkv is not cache:
+        if _forward_cache(args, kwargs) is not cache:
             return
         hidden = _arg(args, kwargs, "hidden_states", 0)
         pe = _arg(args, kwargs, "position_embeddings", 1)
         if pe is None:
             raise RuntimeError(
                 f"attach: {type(module).__name__} received no position_embeddings=(cos, sin); "
-                "query-aware policies need a RoPE model on transformers >= 4.56"
+                "query-aware policies need a RoPE model on transformers >= 4.57"
             )
         obs = observed.get(module.layer_idx)
         if obs is None:
@@ -154,6 +187,8 @@ def attach(model, cache, policy=None):
         obs.observe(q, hidden_states=hidden, position_embeddings=pe, module=module)
 
     def fold_if_idle(module, args, kwargs, output):
+        if _forward_cache(args, kwargs) is not cache:
+            return
         obs = observed.get(module.layer_idx)
         if obs is None or obs.num_pending < MAX_PENDING:
             return
