@@ -2,6 +2,8 @@
 
 import gc
 import threading
+import time
+import weakref
 
 import pytest
 import torch
@@ -340,6 +342,184 @@ def test_park_exhaustion_leaks_nothing_and_discard_frees():
     parker.discard(h)
     parker.synchronize()
     assert pool.used_bytes == 0
+
+
+class _FakeEvent:
+    """A CUDA event stand-in whose copy "completes" ``delay`` seconds after ``record``; ``query``
+    yields the GIL, so a sweep over many of them interleaves with other threads."""
+
+    delay = 0.003
+
+    def __init__(self, *args, **kwargs):
+        self.done_at = None
+
+    def record(self, stream=None):
+        self.done_at = time.perf_counter() + self.delay
+
+    def complete(self):
+        return self.done_at is not None and time.perf_counter() >= self.done_at
+
+    def query(self):
+        time.sleep(0)
+        return self.complete()
+
+    def synchronize(self):
+        while not self.complete():
+            time.sleep(self.delay / 4)
+
+
+class _FakeStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        time.sleep(_FakeEvent.delay * 2)
+
+
+class _FakeTorch:
+    """``torch`` as parking.py sees it, with a fake CUDA stream API over CPU tensors, and a slow
+    ``empty`` (the allocation between a resume's check of its handle and its copy)."""
+
+    def __init__(self):
+        import contextlib
+        import types
+
+        self.cuda = types.SimpleNamespace(Stream=_FakeStream, Event=_FakeEvent, stream=lambda s: contextlib.nullcontext(),
+                                          current_stream=lambda device=None: _FakeStream())
+
+    def empty(self, *args, **kwargs):
+        time.sleep(0.0005)
+        return torch.empty(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@pytest.fixture
+def fake_async_parker(monkeypatch):
+    """Make SessionParker take its asynchronous (CUDA) path on CPU tensors, with slow fake events,
+    and report every pool tensor whose Python object dies before the fake copy touching it completed
+    (that is when its range goes back to the pool)."""
+    from kvcompact.offload import parking
+
+    violations, pool_ptrs = [], set()
+    real_copy = parking.copy_whole_
+
+    def copy(dst, src):
+        n = real_copy(dst, src)
+        ev = _FakeEvent()
+        ev.record()  # an upper bound: the parker's own event is recorded after this one
+        for t in (dst, src):
+            if t.data_ptr() in pool_ptrs:
+                weakref.finalize(t, lambda ev=ev, p=t.data_ptr(): None if ev.complete()
+                                 else violations.append(f"range at {p:#x} freed while its copy runs"))
+        return n
+
+    monkeypatch.setattr(parking, "torch", _FakeTorch())
+    monkeypatch.setattr(parking, "is_async", lambda device: True)
+    monkeypatch.setattr(parking, "copy_whole_", copy)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+
+    class TrackedPool(PinnedPool):
+        def tensor(self, shape, dtype):
+            t = super().tensor(shape, dtype)
+            pool_ptrs.add(t.data_ptr())
+            return t
+
+    return TrackedPool, violations
+
+
+class _SlowInflight(SessionParker):
+    """Widens the window of a read-modify-write on the in-flight list: a reader holds the list it
+    read across a GIL switch (what a preempted thread does, only reliably)."""
+
+    @property
+    def _inflight(self):
+        lst = self.__dict__["_inflight"]
+        time.sleep(0.0002)
+        return lst
+
+    @_inflight.setter
+    def _inflight(self, value):
+        self.__dict__["_inflight"] = value
+
+
+def test_parker_threads_never_free_a_range_before_its_copy_completes(fake_async_parker):
+    """Defect 8: threads hammering park/resume on one parker; no host range may return to the pool
+    while a copy into or out of it is still running (the in-flight list keeps it)."""
+    TrackedPool, violations = fake_async_parker
+    pool = TrackedPool(8 << 20)
+    parker = _SlowInflight(pool)
+    errors = []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            for i in range(40):
+                data = [torch.randn(64, generator=g), torch.randn(32, generator=g)]
+                want = [d.clone() for d in data]
+                h = parker.park(data)
+                del data
+                if i % 5 == 4:
+                    parker.discard(h)
+                    continue
+                r = parker.resume(h)
+                got = r.tensors
+                del r, h  # the parker alone keeps the host ranges alive now
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+                if i % 7 == 0:
+                    parker.stats_dict()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    gc.collect()
+    assert violations == [], violations[:5]
+    parker.synchronize()
+    gc.collect()
+    assert pool.used_bytes == 0
+    s = parker.stats_dict()
+    assert s["inflight"] == 0 and s["transfers_to_host"] == 6 * 40 and s["transfers_to_device"] == 6 * 32
+
+
+def test_parker_concurrent_resume_of_one_handle_succeeds_once(fake_async_parker):
+    """Two threads resuming the same handle: exactly one gets the tensors, the other a ValueError
+    (never two copies out of one host range, one of them racing its return to the pool)."""
+    TrackedPool, violations = fake_async_parker
+    parker = SessionParker(TrackedPool(1 << 20))
+    for _ in range(10):
+        h = parker.park([torch.arange(16.0)])
+        results, barrier = [], threading.Barrier(2)
+
+        def go():
+            barrier.wait()
+            try:
+                results.append(parker.resume(h).tensors[0])
+            except ValueError as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=go) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ok = [r for r in results if isinstance(r, torch.Tensor)]
+        assert len(ok) == 1 and torch.equal(ok[0], torch.arange(16.0)), results
+        assert any(isinstance(r, ValueError) and "already resumed" in str(r) for r in results)
+    parker.synchronize()
+    gc.collect()
+    assert violations == []
 
 
 # --- CUDA behaviour ------------------------------------------------------------------

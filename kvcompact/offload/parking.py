@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -84,6 +85,13 @@ class SessionParker:
     copy has completed (tracked here, so dropping a handle early is safe).
     On CPU every copy is synchronous and the handles are complete at once.
 
+    Thread safety: one parker may be used from several threads. Every
+    read-modify-write of its state (the in-flight list, the side streams, a
+    handle's resumed flag, the stats) happens under one lock, so a host range
+    is never dropped from the in-flight list, and thus never returned to the
+    pool, before the event of the copy touching it has completed; a handle is
+    resumed (or discarded) once, by whichever thread claims it first.
+
     Parameters
     ----------
     pool : PinnedPool
@@ -103,18 +111,22 @@ class SessionParker:
         self.pool = pool
         self.device = torch.device(device) if device is not None else None
         self.stats = OffloadStats()
+        self._lock = threading.Lock()
         self._sides: dict[torch.device, torch.cuda.Stream] = {}
         self._inflight: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
+        # Caller holds self._lock (two threads must not each create "the" side stream).
         side = self._sides.get(device)
         if side is None:
             side = self._sides[device] = torch.cuda.Stream(device)
         return side
 
     def _sweep(self) -> None:
-        # Host ranges return to the pool once the copy reading them has completed.
-        self._inflight = [(e, ts) for e, ts in self._inflight if not e.query()]
+        # Caller holds self._lock. Host ranges return to the pool once the copy touching them has
+        # completed; the list is filtered in place so no reference to it can go stale.
+        inflight = self._inflight
+        inflight[:] = [(e, ts) for e, ts in inflight if not e.query()]
 
     def park(self, tensors: Sequence[torch.Tensor]) -> ParkHandle:
         """Start copying ``tensors`` (all on one device) into pool memory.
@@ -125,7 +137,6 @@ class SessionParker:
             The pool cannot hold them (nothing is copied; ranges taken so far
             are returned).
         """
-        self._sweep()
         tensors = list(tensors)
         if not tensors:
             raise ValueError("SessionParker.park: `tensors` is empty")
@@ -134,29 +145,35 @@ class SessionParker:
             if t.device != device:
                 raise ValueError(f"SessionParker.park: tensors[{i}] is on {t.device}, "
                                  f"tensors[0] on {device}")
+        with self._lock:
+            self._sweep()
         host = [self.pool.tensor(t.shape, t.dtype) for t in tensors]
         event = None
         if is_async(device):
-            side = self._side(device)
-            side.wait_stream(torch.cuda.current_stream(device))  # pending writes land first
-            with torch.cuda.stream(side):
-                for h, t in zip(host, tensors):
-                    copy_whole_(h, t.contiguous())
-                    t.record_stream(side)  # the caller may free t now
-                event = torch.cuda.Event()
-                event.record(side)
-            # Keep the host ranges alive until the copy into them completes, even
-            # if the caller drops the handle (else the pool could hand them out
-            # while the DMA still writes).
-            self._inflight.append((event, list(host)))
+            with self._lock:
+                side = self._side(device)
+                side.wait_stream(torch.cuda.current_stream(device))  # pending writes land first
+                with torch.cuda.stream(side):
+                    for h, t in zip(host, tensors):
+                        copy_whole_(h, t.contiguous())
+                        t.record_stream(side)  # the caller may free t now
+                    event = torch.cuda.Event()
+                    event.record(side)
+                # Keep the host ranges alive until the copy into them completes, even
+                # if the caller drops the handle (else the pool could hand them out
+                # while the DMA still writes).
+                self._inflight.append((event, list(host)))
+            copy_ms = 0.0
         else:
             t0 = time.perf_counter()
             for h, t in zip(host, tensors):
                 copy_whole_(h, t.contiguous())
-            self.stats.copy_time_ms += (time.perf_counter() - t0) * 1e3
+            copy_ms = (time.perf_counter() - t0) * 1e3
         handle = ParkHandle(host, device, event)
-        self.stats.bytes_to_host += handle.nbytes
-        self.stats.transfers_to_host += 1
+        with self._lock:
+            self.stats.copy_time_ms += copy_ms
+            self.stats.bytes_to_host += handle.nbytes
+            self.stats.transfers_to_host += 1
         return handle
 
     def resume(self, handle: ParkHandle, *, device: torch.device | str | None = None,
@@ -171,56 +188,83 @@ class SessionParker:
             Make the current stream wait (device side) for the copy, so later
             work on it can use the tensors. False lets compute keep running;
             then call ``wait_stream()`` on the result before using the tensors.
+
+        Raises
+        ------
+        ValueError
+            The handle was already resumed or discarded (by this or another thread).
         """
-        self._sweep()
-        if handle.resumed:
-            raise ValueError("SessionParker.resume: this handle was already resumed")
-        device = torch.device(device) if device is not None else (self.device or handle.device)
-        out = [torch.empty(h.shape, dtype=h.dtype, device=device) for h in handle.host]
-        event = None
-        if is_async(device):
-            current = torch.cuda.current_stream(device)
-            side = self._side(device)
-            side.wait_stream(current)  # the fresh allocations may reuse memory still in use
-            if handle._event is not None:
-                side.wait_event(handle._event)
-            with torch.cuda.stream(side):
-                for o, h in zip(out, handle.host):
+        with self._lock:
+            self._sweep()
+            if handle.resumed:
+                raise ValueError("SessionParker.resume: this handle was already resumed (or discarded)")
+            handle.resumed = True  # claimed: a concurrent resume or discard of it now refuses
+            host = handle.host
+        try:
+            device = torch.device(device) if device is not None else (self.device or handle.device)
+            out = [torch.empty(h.shape, dtype=h.dtype, device=device) for h in host]
+            event = None
+            if is_async(device):
+                with self._lock:
+                    current = torch.cuda.current_stream(device)
+                    side = self._side(device)
+                    side.wait_stream(current)  # the fresh allocations may reuse memory still in use
+                    if handle._event is not None:
+                        side.wait_event(handle._event)
+                    with torch.cuda.stream(side):
+                        for o, h in zip(out, host):
+                            copy_whole_(o, h)
+                            o.record_stream(side)
+                        event = torch.cuda.Event()
+                        event.record(side)
+                    if block_current_stream:
+                        current.wait_event(event)
+                    self._inflight.append((event, host))
+                copy_ms = 0.0
+            else:
+                handle.wait()  # a park from a GPU onto a CPU target
+                t0 = time.perf_counter()
+                for o, h in zip(out, host):
                     copy_whole_(o, h)
-                    o.record_stream(side)
-                event = torch.cuda.Event()
-                event.record(side)
-            if block_current_stream:
-                current.wait_event(event)
-            self._inflight.append((event, handle.host))
-        else:
-            handle.wait()  # a park from a GPU onto a CPU target
-            t0 = time.perf_counter()
-            for o, h in zip(out, handle.host):
-                copy_whole_(o, h)
-            self.stats.copy_time_ms += (time.perf_counter() - t0) * 1e3
+                copy_ms = (time.perf_counter() - t0) * 1e3
+        except BaseException:
+            with self._lock:
+                handle.resumed = False  # nothing was handed out: the handle can be resumed again
+            raise
         handle.host = []
-        handle.resumed = True
-        self.stats.bytes_to_device += sum(o.numel() * o.element_size() for o in out)
-        self.stats.transfers_to_device += 1
+        with self._lock:
+            self.stats.copy_time_ms += copy_ms
+            self.stats.bytes_to_device += sum(o.numel() * o.element_size() for o in out)
+            self.stats.transfers_to_device += 1
         return ResumeHandle(out, device, event)
 
     def discard(self, handle: ParkHandle) -> None:
-        """Drop a parked set without resuming it (its host memory returns to the pool)."""
-        if handle._event is not None and not handle.done():
-            self._inflight.append((handle._event, handle.host))
-        handle.host = []
-        handle.resumed = True
+        """Drop a parked set without resuming it (its host memory returns to the pool).
+
+        A handle already resumed or discarded is left alone.
+        """
+        with self._lock:
+            if handle.resumed:
+                return
+            handle.resumed = True
+            if handle._event is not None and not handle.done():
+                self._inflight.append((handle._event, handle.host))
+            handle.host = []
 
     def synchronize(self) -> None:
         """Block until every transfer has completed and return their host memory."""
-        for side in self._sides.values():
+        with self._lock:
+            sides = list(self._sides.values())
+        for side in sides:
             side.synchronize()
-        self._sweep()
+        with self._lock:
+            self._sweep()
 
     def stats_dict(self) -> dict:
-        self._sweep()
-        d = self.stats.as_dict()
+        with self._lock:
+            self._sweep()
+            d = self.stats.as_dict()
+            inflight = len(self._inflight)
         d.update(pool_used_bytes=self.pool.used_bytes, pool_capacity_bytes=self.pool.capacity_bytes,
-                 inflight=len(self._inflight))
+                 inflight=inflight)
         return d
