@@ -22,7 +22,7 @@ from kvcompact import ops  # noqa: F401  (registers fake kernels)
 
 __version__ = "0.1.0"
 
-FORMATS = ("fp8_e4m3", "fp8_e5m2", "int8")
+from kvcompact.formats import FORMAT_NAMES as FORMATS  # noqa: E402  (names; kvcompact.formats has the table)
 
 
 def build_info() -> dict:

@@ -13,13 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 
-_ops = torch.ops.kvcompact
+from kvcompact.formats import FORMATS
 
-_CODE_DTYPE = {
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-    "int8": torch.int8,
-}
+_ops = torch.ops.kvcompact
 
 
 def quantize(
@@ -192,11 +188,11 @@ def copy_blocks_(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tens
 @torch.library.register_fake("kvcompact::quantize")
 def _quantize_fake(x, fmt, group_size=None):
     torch._check(x.dim() >= 1, lambda: "quantize: `x` must have at least one dimension")
-    torch._check(fmt in _CODE_DTYPE, lambda: f"quantize: unknown `fmt` {fmt!r}")
+    torch._check(fmt in FORMATS, lambda: f"quantize: unknown `fmt` {fmt!r}")
     d = x.shape[-1]
     g = d if group_size is None else group_size
     torch._check(g > 0 and d % g == 0, lambda: "quantize: `group_size` must divide D")
-    codes = x.new_empty(x.shape, dtype=_CODE_DTYPE[fmt])
+    codes = x.new_empty(x.shape, dtype=FORMATS[fmt].dtype)
     scales = x.new_empty((*x.shape[:-1], d // g), dtype=torch.float32)
     return codes, scales
 

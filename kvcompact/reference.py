@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import torch
 
-QMAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "int8": 127.0}
-CODE_DTYPE = {
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-    "int8": torch.int8,
-}
-FORMAT_OF_DTYPE = {dtype: fmt for fmt, dtype in CODE_DTYPE.items()}
+from kvcompact.formats import FORMATS
+
+# Views of the one format table (kvcompact.formats), under the names the tests use.
+QMAX = {name: f.qmax for name, f in FORMATS.items()}
+CODE_DTYPE = {name: f.dtype for name, f in FORMATS.items()}
+FORMAT_OF_DTYPE = {f.dtype: name for name, f in FORMATS.items()}
 
 # absmax / QMAX underflows to 0 for tiny subnormal groups; the scale is floored
 # at the smallest positive float32 (2**-149) so codes stay finite.

@@ -4,7 +4,7 @@ Example
 -------
 >>> from kvcompact.cache import KVCompactCache
 >>> cache = KVCompactCache(model.config, kv_dtype="fp8_e4m3")
->>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+>>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)  # past_key_values= before transformers 5.24
 >>> s = cache.stats(); s.device_bytes / s.dense_bytes   # 0.5625 for a bf16 model (codes + fp32 scale per 32)
 """
 
@@ -15,14 +15,19 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcompact.cache import compat
+from kvcompact.cache.edits import SpanEditsMixin
 from kvcompact.cache.layer import KVCompactLayer
-from kvcompact.cache.storage import FORMATS, Workspace
-from kvcompact.cache.streaming import SINKS, streaming_keep_idx
+from kvcompact.cache.storage import Workspace
+from kvcompact.formats import FORMATS
+
+# Attention sinks the built-in streaming rule always keeps; a budget must exceed them.
+SINKS = 4
 
 __all__ = ["KVCompactCache", "CacheStats", "default_group_size"]
 
-# Default scale group along head_dim, per format, chosen from DESIGN.md's SmolLM2-135M measurements
-# (teacher-forced perplexity ratio to dense, 256 tokens after a 1,024-token context):
+# Default scale group along head_dim, per format, chosen from SmolLM2-135M measurements
+# (teacher-forced perplexity ratio to dense, 256 tokens after a 1,024-token context; see
+# benchmarks/RESULTS.md):
 #   one scale per token-head: fp8_e4m3 x1.0083, fp8_e5m2 x1.0044, int8 x1.0008
 #   groups of 32:             fp8_e4m3 x1.0005,                   int8 x1.0012
 # SmolLM2's keys have outlier channels; with one scale per head, e4m3 (max 448, 3 mantissa bits)
@@ -52,7 +57,8 @@ class CacheStats:
         window). The dequantization workspace is scratch, reported apart in ``workspace_bytes``;
         peak device memory of the cache is ``device_bytes + workspace_bytes``.
     host_bytes : int
-        Pinned host memory held (0 until offloading lands).
+        Pinned host memory held by the cache: always 0 today (the cache does not offload yet;
+        ``Session.park`` accounts for its own host copy).
     dense_bytes : int
         What the held (physical) tokens would take as K and V in the model dtype.
     workspace_bytes : int
@@ -68,13 +74,13 @@ class CacheStats:
     workspace_bytes: int = 0
 
 
-class KVCompactCache(compat.Cache):
+class KVCompactCache(SpanEditsMixin, compat.Cache):
     """A ``transformers.Cache`` over preallocated, optionally 8-bit buffers with token budgets.
 
     Example
     -------
     >>> cache = KVCompactCache(model.config, kv_dtype="int8", budget=1024)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=64)  # past_key_values= before 5.24
     >>> cache.stats().physical_tokens[0] <= 1024 + cache.slack
     True
 
@@ -93,13 +99,14 @@ class KVCompactCache(compat.Cache):
     policy : None, str, or object
         Eviction rule when ``budget`` is set. None keeps 4 sink tokens and the newest
         ``budget - 4`` (StreamingLLM, built in). A name is resolved by
-        ``kvcompact.policies.get_policy`` ("streaming" works without that package). An object
+        ``kvcompact.policies.get_policy``. An object
         must provide ``keep_indices(layer, budget, *, keys, values, layer_idx, observed) ->
         keep_idx [B, H, K]`` (``kvcompact.policies.Policy``); its ``validate(budget, num_layers)``
         is called here, so a bad budget fails at construction. Per-layer budgets (a policy whose
         ``layer_budget`` differs by layer, e.g. a pyramid schedule) are refused: see Notes.
     offload : None
-        Only None for now; "layers"/"idle" arrive with ``kvcompact.offload``.
+        Only None for now: ``"layers"`` / ``"idle"`` raise ``ValueError`` until the cache can
+        offload (``Session.park`` parks a session's cache today).
     residual : int
         Newest tokens per layer also kept in full precision (quantized formats only).
 
@@ -119,6 +126,11 @@ class KVCompactCache(compat.Cache):
       or a batch declared unpadded with :meth:`note_attention_mask`, may evict; a batch > 1 that
       was not declared raises ``ValueError`` at the first eviction. Without eviction, padding works
       exactly as with ``DynamicCache``.
+    * Eviction runs in :meth:`update`, right after the layer appended (the layers hold no
+      reference to the cache, so ``del cache`` frees its memory at once).
+    * Span edits (:meth:`drop_span`, :meth:`splice`, :meth:`shift_keys`) and whole-state
+      export/import (:meth:`export_state`, :meth:`storage_tensors`) are methods of the cache; see
+      :class:`~kvcompact.cache.edits.SpanEditsMixin`.
     * Returned K/V: lossless layers return views of their buffers (valid until that layer's next
       update); quantized layers return the shared workspace (valid until the next quantized update
       of any layer) -- attention consumes them before the next layer runs.
@@ -143,6 +155,9 @@ class KVCompactCache(compat.Cache):
         self.kv_dtype, self.group_size, self.residual = kv_dtype, group_size, residual
         self.budget, self.policy, self.offload_mode = budget, policy, offload
         self.slack = max(1, budget // 8) if budget is not None else 0
+        self._evictor = policy if policy is not None else self._streaming_rule(budget)
+        # kvcompact's own policies build valid keep_idx; a user's object gets the kernel's check.
+        self._trust_keep_idx = self._is_builtin_policy(self._evictor)
         self.workspace = Workspace()
         self.observed: dict = {}  # layer_idx -> captured queries; filled by kvcompact.attach
         self._padded: bool | None = None  # None: not declared; see note_attention_mask
@@ -168,8 +183,6 @@ class KVCompactCache(compat.Cache):
                         window=window if compat.is_windowed(layer_type) else None,
                         budget=layer_budget,
                         slack=max(1, layer_budget // 8) if layer_budget is not None else 0,
-                        select=self._select,
-                        guard=self._check_evictable,
                         layer_idx=i,
                     )
                 )
@@ -201,38 +214,69 @@ class KVCompactCache(compat.Cache):
         if policy is not None and budget is None:
             raise ValueError("policy needs a budget: pass budget=<max tokens per layer>")
         if offload is not None:
-            raise ValueError(f"offload={offload!r} is not available yet: offloading arrives with kvcompact.offload")
+            raise ValueError(f"offload must be None for now (the cache does not offload yet), got {offload!r}; "
+                             "Session.park() moves a session's cache to pinned host memory")
         return group_size
 
     # -- eviction --------------------------------------------------------------------------------
 
     @staticmethod
     def _resolve_policy(policy, budget, num_layers):
-        """A name becomes a policy object (via kvcompact.policies when present); validate budgets."""
+        """A name becomes a policy object; validate budgets."""
         if isinstance(policy, str):
-            try:
-                from kvcompact.policies import get_policy
-            except ImportError:
-                if policy != "streaming":
-                    raise ValueError(
-                        f"policy {policy!r} needs kvcompact.policies, which is not installed; use None or 'streaming'"
-                    ) from None
-                return None  # the built-in rule is the streaming policy
+            from kvcompact.policies import get_policy
+
             policy = get_policy(policy)
         if policy is not None and budget is not None and hasattr(policy, "validate"):
             policy.validate(budget, num_layers)
         return policy
 
+    @staticmethod
+    def _streaming_rule(budget):
+        """The rule used when a budget comes without a policy: StreamingLLM with ``SINKS`` sinks."""
+        if budget is None:
+            return None
+        from kvcompact.policies.streaming import StreamingPolicy
+
+        return StreamingPolicy(sinks=SINKS)
+
+    @staticmethod
+    def _is_builtin_policy(policy) -> bool:
+        if policy is None:
+            return True
+        from kvcompact.policies.base import Policy
+        from kvcompact.policies.press import KVPressPolicy
+
+        return isinstance(policy, Policy) and not isinstance(policy, KVPressPolicy)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append to layer ``layer_idx`` and return the K/V its attention reads; evict past the budget.
+
+        Eviction is driven from here (as transformers drives offloading from ``Cache.update``): the
+        layer appends, then, once past ``budget + slack`` (or after a multi-token chunk past
+        ``budget``), the policy picks ``keep_idx`` from the K/V attention is about to read and the
+        layer compacts in place. The returned K/V still hold this step's pre-eviction tokens, so
+        attention sees exactly what ``get_mask_sizes`` announced.
+        """
+        layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if isinstance(layer, KVCompactLayer) and layer.wants_eviction(key_states.shape[2]):
+            self._check_evictable(layer)
+            if layer.storage.fmt is None:
+                # Lossless views alias the buffers that compaction rewrites; this step's attention
+                # still needs the pre-eviction tokens. One copy per eviction, i.e. per `slack` steps.
+                keys, values = keys.clone(), values.clone()
+            keep_idx = self._select(layer, layer.budget, keys, values)
+            layer.evict(keep_idx, validate=not self._trust_keep_idx)
+        return keys, values
+
     def _select(self, layer: KVCompactLayer, budget: int, keys=None, values=None) -> torch.Tensor:
-        """The eviction rule: the policy's choice, or the built-in streaming rule.
+        """The eviction rule's ``keep_idx`` ``[B, H, K]`` for ``layer``.
 
         ``keys``/``values`` ``[B, H, T, D]`` are what attention reads this step (for 8-bit storage,
         the dequantized workspace), so a scoring policy does not dequantize a second time.
         """
-        if self.policy is None:
-            s = layer.storage
-            return streaming_keep_idx(s.batch, s.heads, s.length, budget, s.device)
-        return self.policy.keep_indices(
+        return self._evictor.keep_indices(
             layer, budget, keys=keys, values=values, layer_idx=layer.layer_idx,
             observed=self.observed.get(layer.layer_idx),
         )
@@ -310,26 +354,29 @@ class KVCompactCache(compat.Cache):
         return self.get_max_length(layer_idx)
 
     def crop(self, max_length: int) -> None:
-        """Remove the newest tokens (``-n``) or keep the first ``n`` (``n >= 0``, 4.x form), all layers.
+        """Remove the newest tokens (``-n``; ``0`` removes nothing) or keep the first ``n`` (``n > 0``,
+        4.x form), all layers.
 
-        Checks every layer first, so a refused crop (tokens already evicted) changes nothing.
+        Checks every layer first -- full and sliding-window alike -- so a refused crop (tokens
+        already evicted, or fallen out of a window) changes nothing.
         """
         m = compat.crop_count(max_length, self.get_seq_length())
         if m == 0:
             return
         for layer in self.layers:
-            if isinstance(layer, KVCompactLayer) and layer.is_initialized:
-                if not layer.is_sliding and m > layer._tail_contiguous:
-                    layer.crop(-m)  # raises with the layer's explanation
+            if isinstance(layer, KVCompactLayer):
+                layer.check_crop(m)
         for layer in self.layers:
             layer.crop(-m)
 
     def reset(self) -> None:
-        """Drop every token; captured queries and per-run policy state go too."""
+        """Return to the constructed state: no tokens, no captured queries, no per-run policy state,
+        no padding declaration (see :meth:`note_attention_mask`)."""
         super().reset()
         self.observed.clear()
-        if hasattr(self.policy, "reset"):
-            self.policy.reset()
+        self._padded = None
+        if hasattr(self._evictor, "reset"):
+            self._evictor.reset()
 
     def release_workspace(self) -> None:
         """Free the dequantization workspace (it is re-allocated by the next quantized update)."""

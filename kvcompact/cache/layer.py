@@ -30,6 +30,12 @@ __all__ = ["KVCompactLayer"]
 class KVCompactLayer(compat.CacheLayerMixin):
     """Cache of one attention layer over preallocated (optionally 8-bit) buffers.
 
+    The layer stores tokens and answers length questions; it holds no reference to its cache (no
+    cycle: a cache is freed as soon as its last user drops it). Eviction is decided by
+    :meth:`KVCompactCache.update`, which calls :meth:`wants_eviction` and then :meth:`evict`.
+    Span edits (drop a range, re-rotate keys, splice) and whole-state export/import are methods
+    here, called through the cache's edit API.
+
     Parameters
     ----------
     fmt : str or None
@@ -47,11 +53,6 @@ class KVCompactLayer(compat.CacheLayerMixin):
     slack : int
         Tokens the layer may grow past ``budget`` before the next eviction, so eviction runs once
         per ``slack`` decode steps rather than every step.
-    select : callable
-        ``select(layer, budget, keys, values) -> keep_idx`` ``[B, H, K]`` int64: the eviction rule;
-        ``keys``/``values`` are the physical K/V attention reads this step.
-    guard : callable
-        Called with the layer before any eviction; raises if the cache cannot evict safely.
     layer_idx : int or None
         The layer's index in the model (policies use it to find captured queries).
     """
@@ -67,8 +68,6 @@ class KVCompactLayer(compat.CacheLayerMixin):
         window: int | None = None,
         budget: int | None = None,
         slack: int = 1,
-        select: Callable | None = None,
-        guard: Callable | None = None,
         layer_idx: int | None = None,
     ):
         super().__init__()
@@ -77,8 +76,6 @@ class KVCompactLayer(compat.CacheLayerMixin):
         self.is_sliding = window is not None
         self.budget = None if self.is_sliding else budget
         self.slack = slack
-        self.select = select
-        self.guard = guard
         self._store_args = (fmt, group_size, residual, workspace or Workspace())
         self.reset()
 
@@ -93,6 +90,17 @@ class KVCompactLayer(compat.CacheLayerMixin):
     def physical_len(self) -> int:
         """Tokens held in the buffers."""
         return self.storage.length
+
+    @property
+    def tail_contiguous(self) -> int:
+        """Newest physical tokens still at the logical end, in order: what ``crop`` may remove.
+
+        After an eviction this is known only on the device (it depends on ``keep_idx``); it is read
+        back here, on demand, so the decode path never waits for it.
+        """
+        if isinstance(self._tail, torch.Tensor):
+            self._tail = int(self._tail)
+        return self._tail
 
     def get_seq_length(self) -> int:
         return self._logical
@@ -117,7 +125,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
         Windowed layers say True like transformers' own (a crop deeper than what they still hold
         raises a clear error instead).
         """
-        return self.is_sliding or self._tail_contiguous == self.storage.length == self._logical
+        return self.is_sliding or self.tail_contiguous == self.storage.length == self._logical
 
     # -- transformers' hooks ---------------------------------------------------------------------
 
@@ -148,21 +156,22 @@ class KVCompactLayer(compat.CacheLayerMixin):
         q = key_states.shape[2]
         if self.is_sliding:
             return self._update_windowed(key_states, value_states, q)
-
         self.storage.append(key_states, value_states)
         self._logical += q
-        self._tail_contiguous += q
-        keys, values = self.storage.view(exact_key=key_states, exact_value=value_states)
-        n, budget = self.storage.length, self.budget
-        # Evict after a multi-token chunk (prefill, a new turn) or once past budget + slack.
-        if budget is not None and (n > budget + self.slack or (q > 1 and n > budget)):
-            if self.storage.fmt is None:
-                # Lossless views alias the buffers that compaction rewrites; this step's attention
-                # still needs the pre-eviction tokens. One copy per eviction, i.e. per `slack` steps.
-                keys, values = keys.clone(), values.clone()
-            self.compact(self.select(self, budget, keys, values))
-            self.storage.shrink(budget)
-        return keys, values
+        self._tail = self._tail + q
+        return self.storage.view(exact_key=key_states, exact_value=value_states)
+
+    def wants_eviction(self, new_tokens: int) -> bool:
+        """After appending ``new_tokens``: is the layer past its budget + slack (or, after a
+        multi-token chunk such as a prefill or a new turn, past its budget)? Host ints only."""
+        budget, n = self.budget, self.storage.length
+        return budget is not None and (n > budget + self.slack or (new_tokens > 1 and n > budget))
+
+    def evict(self, keep_idx: torch.Tensor, validate: bool = True) -> None:
+        """Keep physical positions ``keep_idx`` (see :meth:`compact`), then give back the capacity a
+        long prompt grew beyond the budget."""
+        self.compact(keep_idx, validate=validate)
+        self.storage.shrink(self.budget)
 
     def _update_windowed(self, key_states, value_states, q):
         store, window = self.storage, self.window
@@ -177,7 +186,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
         self._logical += q
         return store.view(start=store.length - visible - q, exact_key=key_states, exact_value=value_states)
 
-    def compact(self, keep_idx: torch.Tensor) -> None:
+    def compact(self, keep_idx: torch.Tensor, validate: bool = True) -> None:
         """Keep only physical positions ``keep_idx``, in place; the logical length is unchanged.
 
         Parameters
@@ -185,6 +194,8 @@ class KVCompactLayer(compat.CacheLayerMixin):
         keep_idx : torch.Tensor
             ``[B, H_kv, K]`` int64 on the cache's device, each row strictly increasing in
             ``[0, physical_len)``. Rows may differ (head-wise eviction); all keep ``K`` tokens.
+        validate : bool
+            Check ``keep_idx`` in the kernel (False for indices kvcompact built itself).
         """
         if self.is_sliding:
             raise ValueError("compact: sliding-window layers are bounded by their window and are never evicted")
@@ -195,50 +206,129 @@ class KVCompactLayer(compat.CacheLayerMixin):
             )
         if keep_idx.shape[-1] > store.length:
             raise ValueError(f"compact: keep_idx keeps {keep_idx.shape[-1]} of {store.length} tokens")
-        if self.guard is not None:
-            self.guard(self)
         n, k = store.length, keep_idx.shape[-1]
         keep_idx = keep_idx.to(device=self.device, dtype=torch.int64)
         # Newest tokens still logically contiguous with the end: the common suffix on which
-        # keep_idx[..., j] == n - k + j in every row. Only those can be cropped later.
+        # keep_idx[..., j] == n - k + j in every row. Only those can be cropped later. Computed on
+        # the device and read back only if a crop asks (see tail_contiguous).
         if k:
             same = keep_idx == torch.arange(n - k, n, device=keep_idx.device)
-            run = int(same.flip(-1).int().cumprod(-1).sum(-1).min())
+            run = same.flip(-1).to(torch.int64).cumprod(-1).sum(-1).min()
+            self._tail = torch.minimum(run, self._tail) if isinstance(self._tail, torch.Tensor) else \
+                run.clamp(max=self._tail)
         else:
-            run = 0
-        store.compact(keep_idx)
-        self._tail_contiguous = min(run, self._tail_contiguous)
+            self._tail = 0
+        store.compact(keep_idx, validate=validate)
 
-    def set_lengths(self, *, physical: int, logical: int, tail_contiguous: int) -> None:
-        """Overwrite the length bookkeeping after an external edit of the buffers (span editors).
+    # -- span edits (called through KVCompactCache's edit API) -------------------------------------
 
-        For code that rewrites ``storage`` rows itself (``kvcompact.agent.kvedit``: evicting a
-        message's span, re-rotating keys, splicing a replacement). ``physical`` rows
-        ``[0, physical)`` must hold valid tokens, ``logical`` is the next token's position and
-        ``tail_contiguous`` the newest tokens a ``crop`` may still remove. The full-precision
-        residual shadow is dropped (its rows no longer match); the quantized copies remain.
+    def check_rows(self, op: str, start: int, end: int) -> None:
+        """Raise ``ValueError`` unless ``0 <= start <= end <= physical_len``."""
+        n = self.storage.length if self.is_initialized else 0
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n):
+            raise ValueError(f"{op}: rows [{start}, {end}) are outside the {n} cached tokens")
+
+    def drop_rows(self, start: int, end: int) -> None:
+        """Remove physical rows ``[start, end)``; the logical length (next position) is unchanged."""
+        if not self.is_initialized or end <= start:
+            return
+        n = self.storage.length
+        tail = self.tail_contiguous
+        self.storage.drop_rows(start, end)
+        self._tail = min(tail, n - end)
+
+    def shift_positions(self, length: int) -> None:
+        """Move the logical end back by ``length`` positions (a closed gap: later keys re-rotated)."""
+        if not self.is_initialized or length == 0:
+            return
+        if length > self._logical - self.storage.length:
+            raise ValueError(f"shift_positions: cannot close {length} positions, the layer has a gap of "
+                             f"{self._logical - self.storage.length}")
+        self._logical -= length
+
+    def rotate_keys(self, start: int, end: int, delta: int, inv_freq: torch.Tensor, style: str) -> None:
+        """Re-rotate the keys at physical rows ``[start, end)`` by ``delta`` positions."""
+        if self.is_initialized:
+            self.storage.rotate_keys(start, end, delta, inv_freq, style)
+
+    def snapshot(self) -> tuple:
+        """The host-side bookkeeping, for :meth:`restore` (buffers are backed up by the caller)."""
+        return (self.storage.length, self.storage.shadow_len, self._logical, self.tail_contiguous)
+
+    def restore(self, snap: tuple) -> None:
+        """Put back what :meth:`snapshot` returned."""
+        self.storage.length, self.storage.shadow_len, self._logical, self._tail = snap
+
+    def open_splice(self, start: int, end: int, new_len: int, position: int) -> None:
+        """Make rows ``[start, start + new_len)`` the next to be written, the tail after them.
+
+        Moves rows ``[end, n)`` to ``start + new_len`` (memmove) and sets the lengths to ``start`` /
+        ``position``, so the next ``update`` writes the replacement and sees only what precedes it.
         """
-        if self.is_sliding:
-            raise ValueError("set_lengths: sliding-window layers cannot be span-edited")
         store = self.storage
-        if not 0 <= physical <= (store.capacity if store.initialized else 0) or logical < physical:
-            raise ValueError(f"set_lengths: physical={physical}, logical={logical} invalid for capacity "
-                             f"{getattr(store, 'capacity', 0)}")
-        store.length = physical
-        store.shadow_len = 0
-        self._logical = logical
-        self._tail_contiguous = max(0, min(tail_contiguous, physical))
+        n = store.length
+        store.move_rows(end, n, start + new_len)
+        store.length, store.shadow_len = start, 0
+        self._logical, self._tail = position, 0
+
+    def close_splice(self, start: int, end: int, new_len: int, old: tuple) -> None:
+        """After the replacement was written: restore the lengths around it (``old``: the snapshot)."""
+        n, _, logical, _ = old
+        tail = n - end
+        delta = new_len - (end - start)
+        self.storage.length = start + new_len + tail
+        self.storage.shadow_len = 0
+        self._logical = logical + delta
+        self._tail = new_len + tail
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """Valid rows of every buffer (views) and the bookkeeping that restores them; None if unused."""
+        if not self.is_initialized:
+            return None
+        store = self.storage
+        meta = {"physical": store.length, "logical": self._logical, "tail_contiguous": self.tail_contiguous,
+                "shadow_len": store.shadow_len if store.residual else 0,
+                "dtype": str(store.dtype).replace("torch.", ""), "shape": [store.batch, store.heads, store.head_dim]}
+        return store.valid_rows(), meta
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict, device) -> None:
+        """The inverse of :meth:`export_state` on an empty layer; ``ValueError`` if it does not fit."""
+        if self.is_initialized and self.storage.length:
+            raise ValueError("import_state: the layer already holds tokens")
+        b, h, d = meta["shape"]
+        n, logical = int(meta["physical"]), int(meta["logical"])
+        if logical < n or not 0 <= int(meta["tail_contiguous"]) <= n:
+            raise ValueError(f"import_state: inconsistent lengths {meta}")
+        like = torch.empty((b, h, 0, d), dtype=getattr(torch, meta["dtype"]), device=device)
+        self.lazy_initialization(like, like)
+        try:
+            self.storage.load_rows(tensors, n, int(meta.get("shadow_len", 0)))
+        except ValueError:
+            self.reset()
+            raise
+        self._logical, self._tail = logical, int(meta["tail_contiguous"])
 
     # -- structural operations -------------------------------------------------------------------
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the newest tokens. ``n < 0`` removes ``-n``; ``n >= 0`` keeps the first ``n`` (4.x form).
+        """Remove the newest tokens. ``n < 0`` removes ``-n``; ``0`` removes nothing; ``n > 0`` keeps
+        the first ``n`` (4.x form).
 
         Raises ``ValueError`` when a token to remove was already evicted or fell out of the window:
-        the rollback could not restore what attention saw before.
+        the rollback could not restore what attention saw before. A refused crop changes nothing.
         """
         m = compat.crop_count(tokens_to_remove, self._logical)
         if m == 0 or not self.is_initialized:
+            return
+        self.check_crop(m)
+        self.storage.truncate(m)
+        self._logical -= m
+        if not self.is_sliding:
+            self._tail = max(self.tail_contiguous - m, 0)
+
+    def check_crop(self, m: int) -> None:
+        """Raise ``ValueError`` if removing the newest ``m`` tokens cannot be done exactly (changes nothing)."""
+        if m <= 0 or not self.is_initialized:
             return
         store = self.storage
         if self.is_sliding:
@@ -249,21 +339,18 @@ class KVCompactLayer(compat.CacheLayerMixin):
                     f"crop: cannot remove {m} tokens from a sliding-window layer holding {store.length} "
                     f"(window {self.window}); the tokens before them were already dropped"
                 )
-        elif m > self._tail_contiguous:
+        elif m > self.tail_contiguous:
             raise ValueError(
-                f"crop: cannot remove the last {m} tokens: only the newest {self._tail_contiguous} are still "
+                f"crop: cannot remove the last {m} tokens: only the newest {self.tail_contiguous} are still "
                 "contiguous in the cache, older ones were evicted (crop before evicting, or re-prefill)"
             )
-        store.truncate(m)
-        self._logical -= m
-        self._tail_contiguous = max(self._tail_contiguous - m, 0)
 
     def reset(self) -> None:
         """Drop all tokens (buffers freed); the layer is re-initialised by its next update."""
         fmt, group_size, residual, workspace = self._store_args
         self.storage = TokenStore(fmt, group_size, residual, workspace)
         self._logical = 0
-        self._tail_contiguous = 0
+        self._tail = 0  # see tail_contiguous; an int, or a device scalar after an eviction
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

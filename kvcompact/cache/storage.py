@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import torch
 
-FORMATS = {
-    # fmt: (code dtype, bytes per code)
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-    "int8": torch.int8,
-}
+from kvcompact import ops
+from kvcompact.formats import FORMATS
 
 _GROWTH = 1.25  # workspace growth: it is re-sized by every layer, so grow it faster
 _ROUND = 64
@@ -110,7 +106,7 @@ class TokenStore:
         b, h, d = self.batch, self.heads, self.head_dim
         if self.fmt is None:
             return {"keys": ((b, h, cap, d), self.dtype), "values": ((b, h, cap, d), self.dtype)}
-        code = FORMATS[self.fmt]
+        code = FORMATS[self.fmt].dtype
         return {
             "key_codes": ((b, h, cap, d), code),
             "value_codes": ((b, h, cap, d), code),
@@ -168,8 +164,6 @@ class TokenStore:
             self.keys[:, :, a:b].copy_(key)
             self.values[:, :, a:b].copy_(value)
         else:
-            from kvcompact import ops
-
             ops.quantize_into_(key, self.key_codes[:, :, a:b], self.key_scales[:, :, a:b], self.fmt)
             ops.quantize_into_(value, self.value_codes[:, :, a:b], self.value_scales[:, :, a:b], self.fmt)
             if self.residual:
@@ -209,8 +203,6 @@ class TokenStore:
         n = self.length
         if self.fmt is None:
             return self.keys[:, :, start:n], self.values[:, :, start:n]
-        from kvcompact import ops
-
         shape = (self.batch, self.heads, n - start, self.head_dim)
         if fresh:
             key_out = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -236,12 +228,14 @@ class TokenStore:
         """Every ``[B, H, cap, ...]`` buffer, in the order compaction should see them."""
         return [getattr(self, name) for name in self._shapes(0)]
 
-    def compact(self, keep_idx: torch.Tensor) -> None:
-        """Keep physical rows ``keep_idx`` ``[B, H, K]`` (int64, strictly increasing per row), in place."""
-        from kvcompact import ops
+    def compact(self, keep_idx: torch.Tensor, validate: bool = True) -> None:
+        """Keep physical rows ``keep_idx`` ``[B, H, K]`` (int64, strictly increasing per row), in place.
 
+        ``validate=False`` skips the kernel's check of ``keep_idx`` (a pass over it and, on a GPU, a
+        host sync) for indices built by kvcompact itself.
+        """
         n, k = self.length, keep_idx.shape[-1]
-        ops.compact_(self.token_tensors(), keep_idx)
+        ops.compact_(self.token_tensors(), keep_idx, validate=validate)
         if self.shadow_len:
             # Kept shadow tokens form a suffix of each row; keep the count all rows share.
             base = n - self.shadow_len
@@ -252,6 +246,96 @@ class TokenStore:
                 self.value_shadow[:, :, :c].copy_(torch.gather(self.value_shadow[:, :, : self.shadow_len], 2, idx))
             self.shadow_len = c
         self.length = k
+
+    def drop_rows(self, start: int, end: int) -> None:
+        """Remove physical rows ``[start, end)`` in place (``compact_`` with one shared ``keep_idx``).
+
+        The residual shadow is dropped: its rows are addressed from the end and no longer match.
+        """
+        n = self.length
+        if end <= start:
+            return
+        keep = torch.cat([torch.arange(0, start), torch.arange(end, n)]).to(self.device)
+        keep = keep.view(1, 1, -1).expand(self.batch, self.heads, -1).contiguous()
+        ops.compact_(self.token_tensors(), keep, validate=False)
+        self.length = n - (end - start)
+        self.shadow_len = 0
+
+    def move_rows(self, src_start: int, src_end: int, dst_start: int) -> None:
+        """memmove rows ``[src_start, src_end)`` to ``dst_start`` (growing the buffers if needed)."""
+        if src_end <= src_start or src_start == dst_start:
+            return
+        self.reserve(max(0, dst_start + (src_end - src_start) - self.length))
+        ops.move_(self.token_tensors(), src_start, src_end, dst_start)
+
+    def rotate_keys(self, start: int, end: int, delta: int, inv_freq: torch.Tensor, style: str) -> None:
+        """Re-rotate the keys at rows ``[start, end)`` by ``delta`` positions (RoPE composes)."""
+        if delta == 0 or end <= start:
+            return
+        d = torch.full((end - start,), int(delta), dtype=torch.int64, device=self.device)
+        inv = inv_freq.to(self.device, torch.float32)
+        if self.fmt is None:
+            ops.rope_shift_(self.keys[:, :, start:end], d, inv, style)
+        else:
+            ops.rope_shift_quantized_(self.key_codes[:, :, start:end], self.key_scales[:, :, start:end], d, inv,
+                                      style)
+        self.shadow_len = 0  # the full-precision shadow holds unrotated keys
+
+    def copy_rows(self, start: int, end: int) -> list[torch.Tensor]:
+        """Copies of rows ``[start, end)`` of every token buffer (a backup an edit can roll back to)."""
+        return [t[:, :, start:end].clone() for t in self.token_tensors()]
+
+    def write_rows(self, start: int, rows: list[torch.Tensor]) -> None:
+        """Write ``copy_rows``'s tensors back at row ``start``."""
+        for t, r in zip(self.token_tensors(), rows):
+            t[:, :, start:start + r.shape[2]].copy_(r)
+
+    # -- whole state (checkpoints, parking) ------------------------------------------------------
+
+    def buffer_names(self) -> list[str]:
+        """Names of every buffer: the token buffers, then the residual shadows."""
+        return list(self._shapes(0)) + (["key_shadow", "value_shadow"] if self.residual else [])
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every buffer, in :meth:`buffer_names` order."""
+        return [getattr(self, name) for name in self.buffer_names()]
+
+    def set_buffers(self, tensors: list[torch.Tensor]) -> None:
+        """Put back :meth:`buffers`' tensors (same order; parking swaps device and host copies)."""
+        names = self.buffer_names()
+        if len(tensors) != len(names):
+            raise ValueError(f"set_buffers: expected {len(names)} tensors ({names}), got {len(tensors)}")
+        for name, t in zip(names, tensors):
+            setattr(self, name, t)
+
+    def valid_rows(self) -> dict[str, torch.Tensor]:
+        """Views of the rows that hold tokens: ``[:, :, :length]`` of the token buffers and
+        ``[:, :, :shadow_len]`` of the shadows (omitted when empty)."""
+        out = {name: getattr(self, name)[:, :, : self.length] for name in self._shapes(0)}
+        if self.residual and self.shadow_len:
+            for name in ("key_shadow", "value_shadow"):
+                out[name] = getattr(self, name)[:, :, : self.shadow_len]
+        return out
+
+    def load_rows(self, tensors: dict[str, torch.Tensor], length: int, shadow_len: int) -> None:
+        """Fill an initialised, empty store from :meth:`valid_rows`-shaped tensors.
+
+        Raises ``ValueError`` naming a missing or mis-shaped tensor before anything is written.
+        """
+        want = {name: (self.batch, self.heads, length, shape[-1]) for name, (shape, _) in self._shapes(0).items()}
+        if self.residual and shadow_len:
+            for name in ("key_shadow", "value_shadow"):
+                want[name] = (self.batch, self.heads, shadow_len, self.head_dim)
+        for name, shape in want.items():
+            t = tensors.get(name)
+            if t is None or tuple(t.shape) != shape:
+                got = None if t is None else tuple(t.shape)
+                raise ValueError(f"tensor {name!r}: expected shape {shape}, got {got}")
+        self.reserve(length)
+        for name, shape in want.items():
+            getattr(self, name)[:, :, : shape[2]].copy_(tensors[name])
+        self.length = length
+        self.shadow_len = shadow_len if self.residual else 0
 
     def keep_last(self, count: int) -> None:
         """Keep only the newest ``count`` physical tokens (sliding windows). Pure torch: no kernel."""
@@ -275,7 +359,7 @@ class TokenStore:
         """Replace every buffer ``t`` by ``fn(t)`` along the batch dim (reorder, select, repeat)."""
         if not self.initialized:
             return
-        names = list(self._shapes(0)) + (["key_shadow", "value_shadow"] if self.residual else [])
+        names = self.buffer_names()
         for name in names:
             setattr(self, name, fn(getattr(self, name)))
         self.batch = getattr(self, names[0]).shape[0]
@@ -287,8 +371,7 @@ class TokenStore:
         """Device bytes held (capacity included, workspace excluded: it belongs to the cache)."""
         if not self.initialized:
             return 0
-        tensors = self.token_tensors() + ([self.key_shadow, self.value_shadow] if self.residual else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def dense_bytes(self, tokens: int) -> int:
         """What ``tokens`` tokens of K and V take in the model dtype."""
