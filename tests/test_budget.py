@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kvcompact
+from kvcompact.cache import compat
 from kvcompact.policies import get_policy
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -32,7 +33,7 @@ def tiny_llama():
 
 def generate(model, cache, ids, n):
     with kvcompact.attach(model, cache):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **compat.cache_kwargs(cache),
                               max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
@@ -77,9 +78,9 @@ def test_prefill_compaction_frees_memory(tiny_llama, policy, kv_dtype):
     full = kvcompact.KVCompactCache(tiny_llama.config, kv_dtype=kv_dtype)
     half = kvcompact.KVCompactCache(tiny_llama.config, kv_dtype=kv_dtype, budget=512, policy=policy)
     with torch.no_grad():
-        tiny_llama(ids, past_key_values=full, use_cache=True)
+        tiny_llama(ids, **compat.cache_kwargs(full), use_cache=True)
         with kvcompact.attach(tiny_llama, half):
-            tiny_llama(ids, past_key_values=half, use_cache=True)
+            tiny_llama(ids, **compat.cache_kwargs(half), use_cache=True)
     assert half.stats().physical_tokens == [512, 512]
     assert half.stats().logical_tokens == 1024
     # snapkv and knorm select per head: the saving holds with head-wise eviction.

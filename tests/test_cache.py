@@ -92,10 +92,10 @@ def _decode_logits(model, cache, prompt, steps, feed):
     """Prefill ``prompt`` [B, T], then feed ``feed[:, i]`` for ``steps`` steps; logits per step."""
     out = []
     with torch.no_grad():
-        logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=prompt, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1]
         out.append(logits)
         for i in range(steps):
-            logits = model(input_ids=feed[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=feed[:, i : i + 1], **compat.cache_kwargs(cache), use_cache=True).logits[:, -1]
             out.append(logits)
     return torch.stack(out, 1)
 
@@ -140,8 +140,8 @@ def test_lossless_generate_matches_dynamic_cache_two_turns(arch):
     outs = {}
     with torch.no_grad():
         for name, cache in caches.items():
-            first = model.generate(prompt, past_key_values=cache, **kw)
-            second = model.generate(torch.cat([first, turn2], 1), past_key_values=cache, **kw)
+            first = model.generate(prompt, **compat.cache_kwargs(cache), **kw)
+            second = model.generate(torch.cat([first, turn2], 1), **compat.cache_kwargs(cache), **kw)
             outs[name] = second
     assert torch.equal(outs["dynamic"], outs["kvcompact"])
     assert caches["kvcompact"].get_seq_length() == caches["dynamic"].get_seq_length()
@@ -190,9 +190,9 @@ def test_real_model_two_turn_greedy_is_exact(smollm, gpl_ids):
     results = {}
     with torch.no_grad():
         for name, cache in (("dynamic", DynamicCache(config=model.config)), ("kvcompact", KVCompactCache(model.config))):
-            first = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), past_key_values=cache, **kw)
+            first = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **compat.cache_kwargs(cache), **kw)
             ids2 = torch.cat([first, follow], 1)
-            second = model.generate(ids2, attention_mask=torch.ones_like(ids2), past_key_values=cache, **kw)
+            second = model.generate(ids2, attention_mask=torch.ones_like(ids2), **compat.cache_kwargs(cache), **kw)
             results[name] = (first, second, cache.get_seq_length())
     assert torch.equal(results["dynamic"][0], results["kvcompact"][0])
     assert torch.equal(results["dynamic"][1], results["kvcompact"][1])
@@ -209,10 +209,10 @@ def _teacher_forced_ppl(model, cache, ids, context=1024, held_out=256, chunk=16)
     """
     ctx, tgt = ids[:, :context], ids[:, context : context + held_out]
     with torch.no_grad():
-        logits = [model(input_ids=ctx, past_key_values=cache, use_cache=True).logits[:, -1:].float()]
+        logits = [model(input_ids=ctx, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1:].float()]
         for a in range(0, held_out - 1, chunk):
             piece = tgt[:, a : min(a + chunk, held_out - 1)]
-            logits.append(model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float())
+            logits.append(model(input_ids=piece, **compat.cache_kwargs(cache), use_cache=True).logits.float())
     logits = torch.cat(logits, 1)[0]
     return math.exp(torch.nn.functional.cross_entropy(logits, tgt[0]).item())
 
@@ -243,9 +243,9 @@ def test_real_model_quantized_bytes(smollm, gpl_ids, dtype, limit):
     try:
         cache = KVCompactCache(model.config, kv_dtype="fp8_e4m3")
         with torch.no_grad():
-            model(input_ids=gpl_ids[:, :1024], past_key_values=cache, use_cache=True)
+            model(input_ids=gpl_ids[:, :1024], **compat.cache_kwargs(cache), use_cache=True)
             for i in range(8):
-                model(input_ids=gpl_ids[:, 1024 + i : 1025 + i], past_key_values=cache, use_cache=True)
+                model(input_ids=gpl_ids[:, 1024 + i : 1025 + i], **compat.cache_kwargs(cache), use_cache=True)
     finally:
         model.to(torch.float32)
     s = cache.stats()
@@ -345,7 +345,7 @@ def _manual_streaming_reference(model, prompt, feed, budget, slack, sinks=4):
         for ids in steps:
             q = ids.shape[1]
             pos = torch.arange(logical, logical + q).unsqueeze(0).expand(ids.shape[0], -1)
-            out.append(model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1])
+            out.append(model(input_ids=ids, position_ids=pos, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1])
             logical += q
             evict(q)
     return torch.stack(out, 1)
@@ -363,10 +363,10 @@ def test_streaming_budget_matches_manual_eviction(arch):
     assert cache.slack == 3
     got = []
     with torch.no_grad():
-        got.append(model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1])
+        got.append(model(input_ids=prompt, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1])
         assert cache.stats().physical_tokens == [budget, budget]  # evicted right after prefill
         for i in range(feed.shape[1]):
-            got.append(model(input_ids=feed[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            got.append(model(input_ids=feed[:, i : i + 1], **compat.cache_kwargs(cache), use_cache=True).logits[:, -1])
             s = cache.stats()
             assert s.logical_tokens == 40 + i + 1
             assert all(budget <= p <= budget + cache.slack for p in s.physical_tokens)
@@ -385,10 +385,10 @@ def test_budget_generate_bounded_and_second_turn_positions():
     cache = KVCompactCache(model.config, budget=32)
     kw = dict(do_sample=False, max_new_tokens=20, pad_token_id=0)
     with torch.no_grad():
-        first = model.generate(prompt, past_key_values=cache, **kw)
+        first = model.generate(prompt, **compat.cache_kwargs(cache), **kw)
         assert cache.get_seq_length() == first.shape[1] - 1  # logical: everything but the last token
         ids2 = torch.cat([first, torch.randint(1, 96, (1, 9), generator=g)], 1)
-        second = model.generate(ids2, past_key_values=cache, **kw)
+        second = model.generate(ids2, **compat.cache_kwargs(cache), **kw)
     assert second.shape[1] == ids2.shape[1] + 20
     assert cache.get_seq_length() == second.shape[1] - 1
     assert max(cache.stats().physical_tokens) <= 32 + cache.slack
@@ -463,7 +463,7 @@ def test_policy_object_gets_physical_kv_layer_idx_and_own_budget(kv_dtype):
     # ... and unequal manual compaction is caught before attention sees a wrong-width mask.
     cache.layers[0].compact(torch.arange(4).expand(1, 2, 4).contiguous())
     with pytest.raises(RuntimeError, match="same K"), torch.no_grad():
-        model(input_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+        model(input_ids=torch.ones(1, 1, dtype=torch.long), **compat.cache_kwargs(cache))
 
 
 def test_streaming_keep_idx_shape_and_order():
@@ -556,8 +556,8 @@ def test_left_padding_without_budget_matches_dynamic_cache():
     ids, mask = _left_padded(torch.Generator().manual_seed(7), [30, 22], 30)
     kw = dict(do_sample=False, max_new_tokens=10, pad_token_id=0, attention_mask=mask)
     with torch.no_grad():
-        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
-        got = model.generate(ids, past_key_values=KVCompactCache(model.config), **kw)
+        ref = model.generate(ids, **compat.cache_kwargs(DynamicCache(config=model.config)), **kw)
+        got = model.generate(ids, **compat.cache_kwargs(KVCompactCache(model.config)), **kw)
     assert torch.equal(ref, got)
 
 
@@ -568,10 +568,10 @@ def test_left_padding_with_eviction_raises_clearly():
     cache = KVCompactCache(model.config, budget=16)
     cache.note_attention_mask(mask)
     with pytest.raises(ValueError, match="padded batch"), torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, pad_token_id=0)
+        model.generate(ids, attention_mask=mask, **compat.cache_kwargs(cache), max_new_tokens=5, pad_token_id=0)
     undeclared = KVCompactCache(model.config, budget=16)
     with pytest.raises(ValueError, match="note_attention_mask"), torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=undeclared, max_new_tokens=5, pad_token_id=0)
+        model.generate(ids, attention_mask=mask, **compat.cache_kwargs(undeclared), max_new_tokens=5, pad_token_id=0)
 
 
 @requires_ops
