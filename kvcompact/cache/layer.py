@@ -364,10 +364,12 @@ class KVCompactLayer(compat.CacheLayerMixin):
         self.storage.map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def offload(self):
-        raise RuntimeError("KVCompactLayer: offloading arrives with kvcompact.offload")
+        # transformers' Cache calls these only when built with offloading=True, which
+        # KVCompactCache never is; refuse loudly rather than half-offload a quantized layer.
+        raise RuntimeError("KVCompactLayer does not offload through transformers' Cache(offloading=True); "
+                           "use Session.park() to move a session's cache to pinned host memory")
 
-    def prefetch(self):
-        raise RuntimeError("KVCompactLayer: offloading arrives with kvcompact.offload")
+    prefetch = offload
 
     # -- read-only access (legacy `cache[i]`, `layer.keys`) ---------------------------------------
 
