@@ -35,7 +35,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from kvcompact.cache import KVCompactCache
+from kvcompact.cache import KVCompactCache, compat
 
 GPL = Path("/usr/share/common-licenses/GPL-3")
 
@@ -110,7 +110,7 @@ def decode_speed(model, tokenizer, context: int, steps: int, factories: dict) ->
     ids = text_ids(tokenizer, context + steps)
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids[:, :context], past_key_values=dense, use_cache=True)
+        model(input_ids=ids[:, :context], **compat.cache_kwargs(dense), use_cache=True)
     caches = {}
     for name, make in factories.items():
         cache = make()
@@ -124,7 +124,7 @@ def decode_speed(model, tokenizer, context: int, steps: int, factories: dict) ->
             token = ids[:, context + step : context + step + 1]
             for name, cache in caches.items():
                 t0 = time.perf_counter()
-                model(input_ids=token, past_key_values=cache, use_cache=True)
+                model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
                 times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, cache in caches.items():
@@ -148,11 +148,11 @@ def perplexity(model, tokenizer, factories: dict, context: int, held_out: int) -
         cache = make()
         nll = 0.0
         with torch.no_grad():
-            logits = model(input_ids=ctx, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = model(input_ids=ctx, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1].float()
             for i in range(held_out):
                 nll += torch.nn.functional.cross_entropy(logits, tgt[:, i]).item()
                 if i + 1 < held_out:
-                    step = model(input_ids=tgt[:, i : i + 1], past_key_values=cache, use_cache=True)
+                    step = model(input_ids=tgt[:, i : i + 1], **compat.cache_kwargs(cache), use_cache=True)
                     logits = step.logits[:, -1].float()
         out[name] = {"ppl": math.exp(nll / held_out)}
         print(f"#   ppl {name}: {out[name]['ppl']:.4f}", file=sys.stderr)

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kvcompact  # noqa: E402
 from kvcompact import ops  # noqa: E402
+from kvcompact.cache import compat  # noqa: E402
 from kvcompact.offload import LayerPrefetcher, PinnedPool  # noqa: E402
 
 GiB = 1 << 30
@@ -288,12 +289,12 @@ def bench_decode_transformers(device, layers, context, batch, steps, cfg) -> lis
         ids = torch.randint(0, 1024, (batch, context), device=device)
         with torch.no_grad():
             cache = DynamicCache(**kwargs)
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, **compat.cache_kwargs(cache), use_cache=True)
             nxt = torch.randint(0, 1024, (batch, 1), device=device)
 
             def step():
                 # Decode one token, then drop it so every timed step sees `context` tokens.
-                model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                model(input_ids=nxt, **compat.cache_kwargs(cache), use_cache=True)
                 cache.crop(-1)  # negative: remove 1 token (works on every supported version)
             ms = time_ms(step, device, steps)
         rows.append(dict(variant=variant, ms=ms))

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from kvcompact.agent import Session
+from kvcompact.cache import compat
 from kvcompact.models import load_default
 
 GPL = Path("/usr/share/common-licenses/GPL-3")
@@ -52,7 +53,7 @@ def greedy(session, n):
     for _ in range(n):
         t = int(torch.argmax(logits))
         out.append(t)
-        logits = session.model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = session.model(input_ids=torch.tensor([[t]]), **compat.cache_kwargs(cache), use_cache=True).logits[0, -1]
     return out
 
 
@@ -61,7 +62,7 @@ def teacher_forced(session, ids):
     """Logits predicting each of ``ids`` after the generation prompt, ``[len(ids), V]``."""
     first = session.next_token_logits()
     cache = copy.deepcopy(session.cache)
-    rest = session.model(input_ids=torch.tensor([ids[:-1]]), past_key_values=cache, use_cache=True).logits[0]
+    rest = session.model(input_ids=torch.tensor([ids[:-1]]), **compat.cache_kwargs(cache), use_cache=True).logits[0]
     return torch.cat([first[None], rest])
 
 

@@ -37,6 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine_description, print_table, write_json  # noqa: E402
 
+from kvcompact.cache import compat  # noqa: E402
+
 GPL3 = "/usr/share/common-licenses/GPL-3"
 POLICIES = ["streaming", "knorm", "snapkv", "h2o", "tova", "random"]
 FORMATS = ["none", "fp8_e4m3"]
@@ -80,14 +82,14 @@ class _nullcontext:
 def perplexity(model, cache, ids: torch.Tensor, context: int) -> float:
     """exp(mean NLL) of ``ids[context:]``, fed one token at a time after a ``context`` prefill."""
     with observe(model, cache):
-        out = model(ids[:, :context], past_key_values=cache, use_cache=True)
+        out = model(ids[:, :context], **compat.cache_kwargs(cache), use_cache=True)
         logits = out.logits[:, -1]
         nll = 0.0
         n = ids.shape[1] - context
         for t in range(context, ids.shape[1]):
             nll -= float(torch.log_softmax(logits.float(), -1)[0, ids[0, t]])
             if t + 1 < ids.shape[1]:
-                logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(ids[:, t : t + 1], **compat.cache_kwargs(cache), use_cache=True).logits[:, -1]
     return math.exp(nll / n)
 
 
@@ -133,7 +135,7 @@ def _chat_ids(tokenizer, document: str) -> torch.Tensor:
 def passkey_hit(model, tokenizer, cache, ids: torch.Tensor, key: str) -> bool:
     with observe(model, cache):
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=10, do_sample=False
+            ids, attention_mask=torch.ones_like(ids), **compat.cache_kwargs(cache), max_new_tokens=10, do_sample=False
         )
     return key in tokenizer.decode(out[0, ids.shape[1] :])
 

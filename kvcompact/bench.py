@@ -306,6 +306,8 @@ NOTES = {
 def bench_decode(model, device: str, context: int, cfg: BenchConfig, log) -> list[Row]:
     from transformers import DynamicCache
 
+    from kvcompact.cache import compat
+
     factories, missing = cache_factories(model.config, device)
     steps = cfg.warmup_steps + cfg.decode_steps
     gen = torch.Generator().manual_seed(context)
@@ -316,7 +318,7 @@ def bench_decode(model, device: str, context: int, cfg: BenchConfig, log) -> lis
     log(f"# decode @{context}: prefill ...")
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids[:, :context], past_key_values=dense, use_cache=True)
+        model(input_ids=ids[:, :context], **compat.cache_kwargs(dense), use_cache=True)
     caches = {}
     for name, make in factories.items():
         try:
@@ -338,7 +340,7 @@ def bench_decode(model, device: str, context: int, cfg: BenchConfig, log) -> lis
                 try:
                     _sync(device)
                     t0 = now()
-                    model(input_ids=token, past_key_values=caches[name], use_cache=True)
+                    model(input_ids=token, **compat.cache_kwargs(caches[name]), use_cache=True)
                     _sync(device)
                     times[name].append((now() - t0) * 1e3)
                 except Exception as exc:  # noqa: BLE001

