@@ -120,7 +120,10 @@ def _record_crops(cache) -> list:
 
 
 def _generate(model, cache, mode, ids, mask=None, new_tokens=NEW_TOKENS):
-    """``generate`` in ``mode`` with ``cache``; returns ``(sequences [B*R, T+new], logits [new, B*R, V], crops)``."""
+    """``generate`` in ``mode``: ``(sequences [B*R, T+new], logits [new, rows, V], crop arguments)``.
+
+    ``R`` is ``num_return_sequences``; ``rows`` is ``B * max(num_beams, R)``, the rows scored per step.
+    """
     crops = _record_crops(cache)
     torch.manual_seed(SEED)
     with torch.no_grad():
@@ -204,6 +207,32 @@ def test_candidate_modes_across_the_window_edge(edge_offset, mode):
     assert torch.equal(got, ref)
     torch.testing.assert_close(got_logits, ref_logits, atol=1e-5, rtol=0)
     assert crops == ref_crops
+
+
+TURN_MODES = ["greedy", "sample", "prompt_lookup", "assisted_small", "assisted_copy", "early_exit"]
+
+
+@pytest.mark.parametrize("mode", TURN_MODES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_second_turn_reuses_the_cache_like_dynamic_cache(arch, mode):
+    # A chat's next turn hands generate the same cache with the whole history: generate feeds only
+    # the ids past get_seq_length(), and the candidate path crops from a cache that already held a turn.
+    model = tiny_model(arch)
+    follow_up = _repeating_prompt(length=7, seed=9)
+    results = {}
+    for name, cache in (("dynamic", DynamicCache(config=model.config)), ("kvcompact", KVCompactCache(model.config))):
+        first, _, _ = _generate(model, cache, mode, _repeating_prompt())
+        second, logits, crops = _generate(model, cache, mode, torch.cat([first, follow_up], 1))
+        results[name] = (second, logits, crops, cache.get_seq_length())
+    (ref, ref_logits, ref_crops, ref_len), (got, got_logits, crops, length) = results["dynamic"], results["kvcompact"]
+    assert torch.equal(got, ref)
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-5, rtol=0)
+    assert crops == ref_crops and length == ref_len
+    if mode not in CANDIDATE_MODES:
+        assert length == got.shape[1] - 1
+    # No absolute length for the candidate modes: transformers 5.24's _assisted_decoding does not
+    # slice its first forward by get_seq_length() the way _prefill does, so a second turn feeds the
+    # whole history again on top of the cache -- with DynamicCache too; only equality is asked here.
 
 
 # ---------------------------------------------------------------------------------------------------
