@@ -13,7 +13,7 @@ std::string build_info_json();
 }
 
 TORCH_LIBRARY(kvcompact, m) {
-  // --- quantization (DESIGN.md bit-exact contract; csrc/include/kvcompact/quant_math.h)
+  // --- quantization (bit-exact contract: docs/kernels.md; csrc/include/kvcompact/quant_math.h)
   // x [..., D] -> codes [..., D] (fmt's dtype), scales [..., D // group_size] fp32.
   m.def("quantize(Tensor x, str fmt, int? group_size=None) -> (Tensor codes, Tensor scales)");
   // Same math into preallocated, possibly strided views (cache appends).

@@ -1,7 +1,7 @@
 """Plain-torch statements of every kvcompact kernel: the readable specification.
 
-Tests compare the kernels against these bit for bit where DESIGN.md's contract
-says bit-exact. They favour clarity over speed and allocate freely.
+Tests compare the kernels against these bit for bit where the contract in
+docs/kernels.md says bit-exact. They favour clarity over speed and allocate freely.
 """
 
 from __future__ import annotations

@@ -281,3 +281,24 @@ def test_the_deprecated_spelling_would_be_caught():
     cache = KVCompactCache(model.config)
     with pytest.warns(FutureWarning, match="past_key_values"), torch.no_grad():
         model(input_ids=torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+def test_readme_decode_figures_are_the_recorded_run():
+    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    command = "python benchmarks/bench_cache.py --contexts 4096 --no-ppl"
+    assert command in readme and command in results
+    section = results.split("### Decode at 4,096 tokens, 2026-12-02", 1)[1].split("\n### ", 1)[0]
+    # Every decode figure the README quotes is a row of that run, with the ratio it implies.
+    rows = {name: (int(ms), ratio) for name, ms, ratio in
+            re.findall(r"^\| (.+?) \| (\d+) \| ([\d.]+) \|$", section, flags=re.M)}
+    assert len(rows) == 5
+    dense = rows["DynamicCache"][0]
+    for name, (ms, ratio) in rows.items():
+        # The ratios come from the unrounded medians; the ms column is rounded to 1 ms.
+        assert abs(ms / dense - float(ratio)) <= 0.01, name
+        if name == "DynamicCache":
+            assert f"DynamicCache: {ms} ms/token" in readme
+        else:
+            assert f"{ratio}x" in readme, f"README does not quote {name}'s ratio {ratio}x"
+    assert "0.45x DynamicCache" not in readme  # the figure of the loaded 2026-11-24 run

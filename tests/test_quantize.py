@@ -1,4 +1,4 @@
-"""quantize / dequantize against kvcompact.reference, bit for bit (DESIGN.md contract)."""
+"""quantize / dequantize against kvcompact.reference, bit for bit (the contract in docs/kernels.md)."""
 
 import math
 

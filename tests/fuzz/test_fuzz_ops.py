@@ -2,7 +2,7 @@
 
 Each example is tiny (a few hundred elements) so 1,000 examples per op fit the CI
 budget; KVCOMPACT_FUZZ_EXAMPLES raises the count for long runs. Every check is
-bit for bit: the DESIGN.md contract says the kernels compute exactly what
+bit for bit: the contract (docs/kernels.md) says the kernels compute exactly what
 reference.py states. ``quantize`` itself is fuzzed in tests/test_quantize.py;
 here the *_into_ variants are driven through strided, offset views (how a cache
 appends), which that file does not cover.

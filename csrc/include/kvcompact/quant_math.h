@@ -1,7 +1,7 @@
 // Scalar quantization math shared by the CPU loops and the CUDA kernels.
 //
-// This header is the single source of truth for the bit-exact contract in
-// DESIGN.md; kvcompact/reference.py restates it in plain torch. Everything here
+// This header is the single source of truth for the bit-exact contract stated
+// in docs/kernels.md; kvcompact/reference.py restates it in plain torch. Everything here
 // is C10_HOST_DEVICE and header-only (it needs c10's float8 conversions, which
 // are themselves header-only), so host code, device code and the GoogleTest
 // unit tests all compile exactly the same arithmetic.
