@@ -170,10 +170,11 @@ def _expand(mode: str) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # eager fails loudly on a K/V length the mask did not announce
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lossless_matches_dynamic_cache(arch, mode):
-    model = tiny_model(arch)
+def test_lossless_matches_dynamic_cache(arch, mode, attn):
+    model = tiny_model(arch, attn=attn)
     ids = _repeating_prompt()
     ref_cache, cache = DynamicCache(config=model.config), KVCompactCache(model.config)
     ref, ref_logits, ref_crops = _generate(model, ref_cache, mode, ids)
@@ -197,9 +198,10 @@ def test_sliding_window_is_crossed_during_generation():
 
 @pytest.mark.parametrize("mode", ["prompt_lookup", "assisted_small", "assisted_copy"])
 @pytest.mark.parametrize("edge_offset", [-17, -1, 0, 1, 19])
-def test_candidate_modes_across_the_window_edge(edge_offset, mode):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_candidate_modes_across_the_window_edge(attn, edge_offset, mode):
     # Verification chunks of several tokens straddle the window edge at different offsets.
-    model = tiny_model("mistral_window")
+    model = tiny_model("mistral_window", attn=attn)
     prompt_len = model.config.sliding_window + edge_offset
     ids = _repeating_prompt(length=prompt_len, seed=prompt_len)
     ref, ref_logits, ref_crops = _generate(model, DynamicCache(config=model.config), mode, ids)
