@@ -17,7 +17,6 @@ import kvcompact
 from agent_fixtures import smollm2_tokenizer
 from kvcompact.agent import Session
 from kvcompact.agent import checkpoint as ckpt
-from kvcompact.agent import kvedit
 from kvcompact.offload import PinnedPool, PoolExhaustedError
 
 
@@ -44,7 +43,7 @@ def _session(mt):
 
 
 def _kv(s):
-    return [(l.keys.clone(), l.values.clone()) for l in kvedit.attention_layers(s.cache)]
+    return [(l.keys.clone(), l.values.clone()) for l in s.cache.layers]
 
 
 def test_pool_exhaustion_during_park_leaves_session_usable(mt):

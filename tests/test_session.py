@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agent_fixtures import smollm2_model
-from kvcompact.agent import CheckpointError, PrefixCache, PrefixChangedError, Session, SessionError, kvedit
+from kvcompact.agent import CheckpointError, PrefixCache, PrefixChangedError, Session, SessionError
 from kvcompact.cache import KVCompactCache
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def tool_text(tokenizer, n_tokens):
 
 
 def layer_kv(cache):
-    return [(l.keys.clone(), l.values.clone()) for l in kvedit.attention_layers(cache)]
+    return [(l.keys.clone(), l.values.clone()) for l in cache.layers]
 
 
 def fresh(model, tokenizer, messages, **kw):

@@ -6,8 +6,13 @@
 - :mod:`~kvcompact.agent.tracker`: :class:`MemoryTracker`, tokens and KV bytes per step.
 - :mod:`~kvcompact.agent.compaction`: :func:`compact_messages` and its :class:`CompactionPlan`.
 - :mod:`~kvcompact.agent.checkpoint`: atomic, checksummed checkpoint directories.
-- :mod:`~kvcompact.agent.session`: :class:`Session` (messages as editable cache spans: drop, replace,
-  save/load, spawn, park) and :class:`PrefixCache`; cache edits in :mod:`~kvcompact.agent.kvedit`.
+- :mod:`~kvcompact.agent.session`: :class:`Session`, messages as editable cache spans (state, feeding,
+  generation); its other jobs, one module each: :mod:`~kvcompact.agent.sampling` (token picking),
+  :mod:`~kvcompact.agent.edits` (drop, replace), :mod:`~kvcompact.agent.spawn` (sub-agents),
+  :mod:`~kvcompact.agent.park` (parking), :mod:`~kvcompact.agent.session_io` (save/load),
+  :mod:`~kvcompact.agent.prefix` (:class:`PrefixCache`); :mod:`~kvcompact.agent.entries` holds the
+  per-message record they share. The cache edits themselves are the cache's own API
+  (``KVCompactCache.drop_span``, ``splice``, ``export_state``...).
 
 Heavy dependencies (tiktoken, matplotlib, safetensors, transformers) are imported on first use.
 """

@@ -4,19 +4,28 @@ A session holds the conversation and a :class:`~kvcompact.cache.KVCompactCache` 
 message it has shown the model. ``generate`` feeds only what is new (the chat template rendered
 incrementally, :class:`~kvcompact.agent.template.TemplateRenderer`), and the agent's decisions --
 "drop the file read ten steps ago", "replace that tool output by a summary" -- become in-place cache
-edits (:mod:`kvcompact.agent.kvedit`) instead of a re-prefill.
+edits (the cache's own edit API, driven by :mod:`kvcompact.agent.edits`) instead of a re-prefill.
+
+This module holds the state and the feeding (``add``, ``prefill``, ``generate``). The other jobs
+live beside it, each in its own module, and ``Session``'s methods delegate to them:
+:mod:`~kvcompact.agent.sampling` (token picking), :mod:`~kvcompact.agent.edits` (``drop``,
+``replace``), :mod:`~kvcompact.agent.spawn` (sub-agents), :mod:`~kvcompact.agent.park`
+(parking), :mod:`~kvcompact.agent.session_io` (``save``/``load``) and
+:mod:`~kvcompact.agent.prefix` (:class:`PrefixCache`).
 
 State model
 -----------
-* **Rendered history** (``_entries``): every message ever fed, in order, with the token ids fed
-  for it. Dropped messages stay here as tombstones (their tokens are gone from the cache). The
-  template is always rendered over this history, so the next increment is exactly what the
-  template adds after it, whatever was dropped. Consequence (by design): after ``drop`` the cache
-  holds the render of the history *minus the dropped span*. For templates that render each message
-  independently (ChatML, Llama 3, ...) that is token for token the render of the remaining
-  messages; a template that injects text depending on what is present (e.g. a default system
-  prompt when the first message is not ``system``) would render the remaining messages differently
-  from what the cache holds -- the cache is not re-rendered.
+* **Rendered history** (``_entries``, :class:`~kvcompact.agent.entries.Entry`): every message ever
+  fed, in order, with the token ids fed for it. Dropped messages stay here as tombstones (their
+  tokens are gone from the cache). The template is always rendered over this history, so the next
+  increment is exactly what the template adds after it, whatever was dropped. Consequence (by
+  design): after ``drop`` the cache holds the render of the history *minus the dropped span*. For
+  templates that render each message independently (ChatML, Llama 3, ...) that is token for token
+  the render of the remaining messages; a template that injects text depending on what is present
+  (e.g. a default system prompt when the first message is not ``system``) would render the
+  remaining messages differently from what the cache holds -- the cache is not re-rendered.
+* **Physical ids** (``_cache_ids``): the token ids the cache holds, in row order. Invariant: the
+  cache holds exactly these, always -- also after a forward that raised (see *Failures*).
 * **Spans** (``spans``): ``msg_id -> (start, end)`` physical rows of the cache, identical in every
   layer and head. Text the template adds before the first message belongs to the first message;
   the generation prompt waiting for a reply belongs to no message until the reply is appended (it
@@ -30,6 +39,21 @@ State model
 * **Budgets.** A session refuses a cache with a token budget: a budget evicts per head, after which a
   message no longer occupies one token range. Memory is controlled at message level instead (drop,
   replace, :func:`~kvcompact.agent.compaction.compact_messages`), plus 8-bit storage.
+
+Failures
+--------
+A forward that raises (out of memory, ``KeyboardInterrupt``, a token id the model does not know)
+never leaves the session believing the cache holds other tokens than it does:
+
+* ``replace``: the cache's ``splice`` restores the cache exactly and the original exception
+  propagates; the session's messages, token ids and spans are unchanged.
+* Feeding (``prefill``, ``generate``, ``next_token_logits``, ``recompute_tail``): input is fed in
+  chunks of ``prefill_chunk`` tokens; the chunks that completed stay in the cache (and in
+  ``token_ids``), the failing chunk is cropped back out, the original exception propagates, and
+  the next call feeds what is still missing. Only when the forward stopped between two layers (some
+  layers hold the chunk, others not -- no crop can make them agree) is the session marked unusable:
+  every later call raises :class:`SessionError` saying so (``close`` still works; rebuild the
+  session from its messages or a checkpoint).
 
 Example (needs a model, so not a doctest)::
 
@@ -45,61 +69,22 @@ Example (needs a model, so not a doctest)::
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import weakref
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from kvcompact.agent import kvedit
+from kvcompact.agent.entries import GAP, LIVE, Entry, SessionError
 from kvcompact.agent.messages import Message, as_message, new_message_id
+from kvcompact.agent.prefix import PrefixCache, PrefixChangedError, common_prefix, prefix_sha256
+from kvcompact.agent.sampling import eos_ids, pick_token
+from kvcompact.agent.spawn import SpawnRecord
 from kvcompact.agent.template import TemplateRenderer
+from kvcompact.cache import compat
 
 __all__ = ["Session", "SessionError", "SpawnRecord", "PrefixCache", "PrefixChangedError", "prefix_sha256"]
 
-LIVE, GAP, CLOSED = "live", "gap", "closed"
-SESSION_FORMAT = 1
-
-
-class SessionError(RuntimeError):
-    """A session operation that cannot be done on the current cache state (the message says why)."""
-
-
-class PrefixChangedError(ValueError):
-    """The prefix handed to :meth:`PrefixCache.session` differs from the cached one."""
-
-
-@dataclass
-class _Entry:
-    message: Message
-    ids: list  # token ids fed for this message (virtual: kept after a drop)
-    state: str = LIVE  # live | gap (dropped, positions kept) | closed (dropped, positions closed)
-
-
-@dataclass
-class SpawnRecord:
-    """What :meth:`Session.spawn` did: the answer and the child cache's device bytes around its free."""
-
-    answer: str
-    child_messages: list
-    child_device_bytes: int
-    child_device_bytes_after_free: int
-    child_cache_collected: bool = False
-
-
-def prefix_sha256(token_ids: Sequence[int]) -> str:
-    """sha256 of a token id sequence (int64 little-endian), the identity of a cached prefix."""
-    return hashlib.sha256(torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()).hexdigest()
-
-
-def _common_prefix(a: Sequence, b: Sequence) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+# Kept importable from here for code written before the split.
+_Entry = Entry
 
 
 class Session:
@@ -113,13 +98,15 @@ class Session:
         With a chat template (or pass ``chat_template``).
     cache : KVCompactCache, optional
         Empty, without a token budget, full-attention layers only. Default:
-        ``KVCompactCache(model.config)`` (lossless, model dtype).
+        ``KVCompactCache(model.config)`` (lossless, model dtype). Any other transformers ``Cache``
+        (e.g. ``DynamicCache``) works append-only: ``add``/``generate``, no edits.
     chat_template, tools, tool_fallback, verify_tokens, template_kwargs
         Passed to :class:`~kvcompact.agent.template.TemplateRenderer`.
     rope_style : {"neox", "gptj"}, optional
         Key layout for re-rotation; guessed from ``model_type`` by default.
     prefill_chunk : int
-        Max tokens per forward when feeding (bounds activation memory).
+        Max tokens per forward when feeding (bounds activation memory, and what a failed forward
+        takes back; see *Failures* in the module docstring).
 
     Attributes
     ----------
@@ -136,6 +123,8 @@ class Session:
                  prefill_chunk: int = 1024):
         from kvcompact.cache import KVCompactCache
 
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         self.model = model
         self.tokenizer = tokenizer
         if cache is None:
@@ -144,7 +133,7 @@ class Session:
         # the demo's DynamicCache baseline); in-place edits need a KVCompactCache.
         self._editable = isinstance(cache, KVCompactCache)
         if self._editable:
-            kvedit.check_editable(cache)
+            cache.check_editable()
         if cache.get_seq_length() != 0:
             raise ValueError("Session needs an empty cache (use PrefixCache.session or Session.load to start "
                              "from computed KV)")
@@ -154,16 +143,28 @@ class Session:
         self.renderer = TemplateRenderer(tokenizer, **self._renderer_options)
         self._rope_style = rope_style
         self._rope = None
-        self.prefill_chunk = int(prefill_chunk)
-        self._entries: list[_Entry] = []
+        self.prefill_chunk = prefill_chunk
+        self._entries: list[Entry] = []
         self._pending: list[Message] = []
         self._gen_tail: list = []  # generation-prompt tokens at the end of the cache
         self._gen_prompt = False
         self._cache_ids: list = []  # physical token ids, in cache order
         self._prefix: PrefixCache | None = None
         self._parked = None
+        self._broken: str | None = None  # why the cache no longer matches _cache_ids (see _recover)
         self.last_spawn: SpawnRecord | None = None
         self.fed_tokens = 0
+
+    def _adopt(self, cache, entries: list, *, pending=(), gen_tail=(), gen_prompt: bool = False,
+               prefix: PrefixCache | None = None) -> None:
+        """Take over a cache that already holds ``entries``' live tokens (a prefix copy, a checkpoint)."""
+        self.cache = cache
+        self._entries = list(entries)
+        self._pending = list(pending)
+        self._gen_tail = list(gen_tail)
+        self._gen_prompt = bool(gen_prompt)
+        self._cache_ids = self._target_ids()
+        self._prefix = prefix
 
     # ------------------------------------------------------------------ views
 
@@ -198,6 +199,10 @@ class Session:
         out.extend(range(p, p + len(self._gen_tail)))
         return out
 
+    @property
+    def parked(self) -> bool:
+        return self._parked is not None
+
     def _history(self) -> list:
         return [e.message for e in self._entries]
 
@@ -216,7 +221,9 @@ class Session:
 
     def _rope_params(self):
         if self._rope is None:
-            self._rope = kvedit.rope_params(self.model, self._rope_style)
+            from kvcompact.rope import rope_params
+
+            self._rope = rope_params(self.model, self._rope_style)
         return self._rope
 
     def _require_editable(self, op: str) -> None:
@@ -225,10 +232,24 @@ class Session:
                             f"holds a {type(self.cache).__name__} (append-only: add and generate work)")
 
     def _check_live(self) -> None:
+        if self._broken is not None:
+            raise SessionError(self._broken)
         if self._parked is not None:
             raise SessionError("the session is parked; call resume() first")
         if self.cache is None:
             raise SessionError("the session was closed")
+
+    def _find(self, msg_id: str) -> int:
+        for k, e in enumerate(self._entries):
+            if e.message.id == msg_id:
+                if e.state != LIVE:
+                    raise KeyError(f"message {msg_id!r} was already dropped")
+                return k
+        raise KeyError(f"no message with id {msg_id!r} in this session")
+
+    def _position_of(self, k: int) -> int:
+        """RoPE position of entry ``k``'s first token."""
+        return sum(len(e.ids) for e in self._entries[:k] if e.state in (LIVE, GAP))
 
     # ------------------------------------------------------------------ messages in
 
@@ -248,7 +269,7 @@ class Session:
         return self.add(m.role, m.content, name=m.name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls,
                         id=m.id, metadata=m.metadata)
 
-    # ------------------------------------------------------------------ feeding
+    # ------------------------------------------------------------------ rendering (no model call)
 
     def _retract_virtual(self, count: int) -> None:
         while count:
@@ -274,7 +295,7 @@ class Session:
                                                  previous_ids=self._virtual_ids())
             self._retract_virtual(inc.retract_tokens)
             carried, self._gen_tail = self._gen_tail, []  # e.g. "<|im_start|>" shared with a tool message
-            self._entries.append(_Entry(m, carried + list(inc.token_ids)))
+            self._entries.append(Entry(m, carried + list(inc.token_ids)))
             hist.append(m)
             prev_gp = False
         self._pending = []
@@ -290,22 +311,65 @@ class Session:
             self._gen_tail.extend(inc.token_ids)
         self._gen_prompt = add_generation_prompt
 
+    # ------------------------------------------------------------------ feeding
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     @torch.no_grad()
-    def _forward(self, ids: Sequence[int]) -> torch.Tensor:
-        """Feed ``ids`` after the cache's tokens; logits of the last one ``[vocab]``."""
-        device = next(self.model.parameters()).device
+    def _model_step(self, ids: Sequence[int]) -> torch.Tensor:
+        """One forward of ``ids`` after the cache's tokens; logits of the last one ``[vocab]``."""
+        chunk = torch.tensor([list(ids)], dtype=torch.long, device=self._device())
+        out = self.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **compat.cache_kwargs(self.cache))
+        self.fed_tokens += len(ids)
+        return out.logits[0, -1]
+
+    def _run(self, ids: Sequence[int]) -> torch.Tensor | None:
+        """Feed ``ids`` in chunks with no bookkeeping (a splice's forward: the cache rolls it back)."""
         logits = None
         for i in range(0, len(ids), self.prefill_chunk):
-            chunk = torch.tensor([list(ids[i:i + self.prefill_chunk])], dtype=torch.long, device=device)
-            out = self.model(input_ids=chunk, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1]
-        self.fed_tokens += len(ids)
+            logits = self._model_step(ids[i:i + self.prefill_chunk])
         return logits
+
+    def _layer_lengths(self) -> list:
+        return [self.cache.get_seq_length(i) for i in range(len(self.cache))]
+
+    def _feed(self, ids: Sequence[int]) -> torch.Tensor | None:
+        """Feed ``ids`` after ``_cache_ids`` in chunks, extending ``_cache_ids`` chunk by chunk."""
+        logits = None
+        for i in range(0, len(ids), self.prefill_chunk):
+            chunk = list(ids[i:i + self.prefill_chunk])
+            before = self._layer_lengths()
+            try:
+                logits = self._model_step(chunk)
+            except BaseException as err:
+                self._recover(before, len(chunk), err)
+                raise
+            self._cache_ids.extend(chunk)
+        return logits
+
+    def _recover(self, before: list, q: int, err: BaseException) -> None:
+        """After a forward of ``q`` tokens raised: crop what it wrote, or mark the session unusable."""
+        try:
+            now = self._layer_lengths()
+            grown = {n - (before[i] if i < len(before) else 0) for i, n in enumerate(now)}
+            if grown <= {0}:
+                return  # it failed before any layer wrote (e.g. a bad token id in the embedding)
+            if grown == {q}:
+                self.cache.crop(-q)  # every layer appended the chunk: the newest q rows, croppable
+                return
+        except Exception as crop_err:  # noqa: BLE001 - reported through _broken, err propagates
+            detail = f"; rolling back failed too ({type(crop_err).__name__}: {crop_err})"
+        else:
+            detail = f" (layers grew by {sorted(grown)} tokens)"
+        self._broken = (f"the session is unusable: a forward of {q} tokens stopped midway "
+                        f"({type(err).__name__}: {err}) and left the cache's layers holding different "
+                        f"tokens{detail}; rebuild the session from its messages or a checkpoint")
 
     def _sync_physical(self, need_logits: bool = False) -> torch.Tensor | None:
         """Make the cache hold ``_target_ids()``: crop the divergent tail, feed the rest."""
         target = self._target_ids()
-        keep = _common_prefix(self._cache_ids, target)
+        keep = common_prefix(self._cache_ids, target)
         if need_logits and keep == len(target):
             keep -= 1  # nothing new: re-feed the last token to get its logits
         if keep < len(self._cache_ids):
@@ -313,8 +377,7 @@ class Session:
             del self._cache_ids[keep:]
         logits = None
         if keep < len(target):
-            logits = self._forward(target[keep:])
-            self._cache_ids.extend(target[keep:])
+            logits = self._feed(target[keep:])
         return logits
 
     def prefill(self) -> None:
@@ -325,40 +388,30 @@ class Session:
 
     # ------------------------------------------------------------------ generation
 
-    def _eos_ids(self, eos_token_id) -> set:
-        if eos_token_id is None:
-            eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-            if eos_token_id is None:
-                eos_token_id = self.tokenizer.eos_token_id
-        ids = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
-        if end is not None:
-            ids.add(end)
-        return {i for i in ids if i is not None}
-
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 128, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
                  generator: torch.Generator | None = None) -> str:
         """Feed what is new, decode a reply, append it as an assistant message; returns its text.
 
-        Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_k``/``top_p``.
-        Decoding stops at an end-of-turn token or after ``max_new_tokens``. The reply's canonical
-        end (``<|im_end|>\\n`` for ChatML) is fed before returning, so the cache holds the whole
-        reply and the next turn feeds only new messages.
+        Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_k``/``top_p``
+        (:func:`~kvcompact.agent.sampling.pick_token`). Decoding stops at an end-of-turn token or
+        after ``max_new_tokens``. The reply's canonical end (``<|im_end|>\\n`` for ChatML) is fed
+        before returning, so the cache holds the whole reply and the next turn feeds only new
+        messages. If a decode step's forward raises, the tokens decoded so far stay in the cache
+        after the generation prompt (no reply is appended) and the next call continues from there.
         """
         self._check_live()
         self._render_virtual(True)
         logits = self._sync_physical(need_logits=True)
-        eos = self._eos_ids(eos_token_id)
+        eos = eos_ids(self.model, self.tokenizer, eos_token_id)
         generated: list = []
         for step in range(max_new_tokens):
-            tok = self._pick(logits, do_sample, temperature, top_k, top_p, generator)
+            tok = pick_token(logits, do_sample, temperature, top_k, top_p, generator)
             generated.append(tok)
             if tok in eos or step == max_new_tokens - 1:
                 break
-            logits = self._forward([tok])
-            self._cache_ids.append(tok)
+            logits = self._feed([tok])
             self._gen_tail.append(tok)
         text_ids = generated[:-1] if generated and generated[-1] in eos else generated
         reply = Message("assistant", self.tokenizer.decode(text_ids, skip_special_tokens=True))
@@ -366,11 +419,10 @@ class Session:
         # increment completes it (the end-of-turn tokens, or a re-tokenized tail if the model's
         # tokens were not the tokenizer's own for this text).
         hist = self._history()
-        vids_before = self._virtual_ids()
         inc = self.renderer.render_increment(hist + [reply], len(hist), False, previous_generation_prompt=True,
-                                             previous_ids=vids_before)
+                                             previous_ids=self._virtual_ids())
         self._retract_virtual(inc.retract_tokens)
-        self._entries.append(_Entry(reply, self._gen_tail + list(inc.token_ids)))
+        self._entries.append(Entry(reply, self._gen_tail + list(inc.token_ids)))
         self._gen_tail = []
         self._gen_prompt = False
         self._sync_physical()
@@ -387,127 +439,25 @@ class Session:
         self._render_virtual(True)
         return self._sync_physical(need_logits=True)
 
-    @staticmethod
-    def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> int:
-        if not do_sample:
-            return int(torch.argmax(logits))
-        scores = logits.float() / max(temperature, 1e-6)
-        if top_k:
-            kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, -1)
-        if top_p is not None and top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            cut = torch.cumsum(sp, -1) - sp > top_p
-            sp = sp.masked_fill(cut, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, si, sp)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-
-    # ------------------------------------------------------------------ edits
-
-    def _find(self, msg_id: str) -> int:
-        for k, e in enumerate(self._entries):
-            if e.message.id == msg_id:
-                if e.state != LIVE:
-                    raise KeyError(f"message {msg_id!r} was already dropped")
-                return k
-        raise KeyError(f"no message with id {msg_id!r} in this session")
-
-    def _position_of(self, k: int) -> int:
-        return sum(len(e.ids) for e in self._entries[:k] if e.state in (LIVE, GAP))
-
-    def _recompute_from(self, row: int) -> int:
-        """Crop physical rows ``[row, end)`` and feed them again (exact tail); returns tokens re-fed."""
-        m = len(self._cache_ids) - row
-        if m > 0:
-            self.cache.crop(-m)
-            del self._cache_ids[row:]
-            self._sync_physical()
-        return max(m, 0)
+    # ------------------------------------------------------------------ edits (kvcompact.agent.edits)
 
     def drop(self, msg_id: str, *, reposition: bool = False, recompute_tail: bool = False) -> int:
         """Evict a message's tokens from the cache in place; returns how many were evicted.
 
-        ``reposition=False``: later tokens keep their positions (a gap remains; the logical length
-        is unchanged). ``reposition=True``: later keys are re-rotated by ``-span`` so positions close
-        the gap, and the logical length shrinks by the span. The message leaves ``messages``; later
-        spans shift down. A pending (not yet fed) message is just removed.
-
-        ``recompute_tail=True`` then re-feeds the tokens after the span, so their K/V no longer
-        carry what the dropped message said: exact (equal to a re-prefill of the remaining
-        messages with ``reposition=True``), at the cost of a forward over the tail only.
+        See :func:`kvcompact.agent.edits.drop`.
         """
-        self._require_editable("drop")
-        self._check_live()
-        for i, m in enumerate(self._pending):
-            if m.id == msg_id:
-                del self._pending[i]
-                return 0
-        k = self._find(msg_id)
-        start, end = self.spans[msg_id]
-        kvedit.evict_span(self.cache, start, end)
-        length = end - start
-        if reposition and length:
-            inv, style = self._rope_params()
-            kvedit.shift_keys(self.cache, start, len(self._cache_ids) - length, -length, inv, style)
-            for layer in kvedit.attention_layers(self.cache):
-                layer.set_lengths(physical=layer.physical_len, logical=layer.logical_len - length,
-                                  tail_contiguous=layer._tail_contiguous)
-        del self._cache_ids[start:end]
-        self._entries[k].state = CLOSED if reposition else GAP
-        if recompute_tail:
-            self._recompute_from(start)
-        return length
+        from kvcompact.agent import edits
+
+        return edits.drop(self, msg_id, reposition=reposition, recompute_tail=recompute_tail)
 
     def replace(self, msg_id: str, text: str, *, recompute_tail: bool = False) -> tuple:
         """Splice ``text`` in place of a message's content; returns ``(old_tokens, new_tokens)``.
 
-        The new message's tokens are rendered in context; ``move_`` opens or closes the gap; one
-        forward computes the new tokens' KV against the tokens before the span (nothing after it);
-        the keys after it are re-rotated by the length change. Tokens after the span are NOT
-        recomputed: their KV still reflects the old text (see docs/agent.md for the measured
-        effect). ``recompute_tail=True`` instead crops the cache at the span and feeds the new text
-        and everything after it again: exact (a re-prefill from the span on), cost proportional to
-        the tail. A pending message is replaced without touching the cache.
+        See :func:`kvcompact.agent.edits.replace`.
         """
-        self._require_editable("replace")
-        self._check_live()
-        for i, m in enumerate(self._pending):
-            if m.id == msg_id:
-                self._pending[i] = dataclasses.replace(m, content=text)
-                return (0, 0)
-        k = self._find(msg_id)
-        old = self._entries[k]
-        new_msg = dataclasses.replace(old.message, content=text)
-        hist = self._history()
-        before = [i for e in self._entries[:k] for i in e.ids]
-        inc = self.renderer.render_increment(hist[:k] + [new_msg], k, False, previous_ids=before)
-        if inc.retract_tokens:
-            raise SessionError(f"replace: the new text of {msg_id!r} merges with the tokens before it "
-                               f"({inc.retract_tokens} would change); replace is only possible at a token boundary")
-        new_ids = list(inc.token_ids)
-        if k + 1 < len(self._entries):
-            nxt = self.renderer.render_increment(hist[:k] + [new_msg, hist[k + 1]], k + 1, False,
-                                                 previous_ids=before + new_ids)
-            if nxt.retract_tokens or list(nxt.token_ids) != self._entries[k + 1].ids:
-                raise SessionError(f"replace: with the new text of {msg_id!r} the next message would tokenize "
-                                   "differently; replace is only possible at a token boundary")
-        start, end = self.spans[msg_id]
-        if recompute_tail:
-            self.cache.crop(-(len(self._cache_ids) - start))
-            del self._cache_ids[start:]
-            self._entries[k] = _Entry(new_msg, new_ids, LIVE)
-            self._sync_physical()
-            return (end - start, len(new_ids))
-        inv, style = self._rope_params()
+        from kvcompact.agent import edits
 
-        def forward():
-            self._forward(new_ids)
-
-        kvedit.splice(self.cache, start, end, len(new_ids), self._position_of(k), forward, inv, style)
-        self._cache_ids[start:end] = new_ids
-        self._entries[k] = _Entry(new_msg, new_ids, LIVE)
-        return (end - start, len(new_ids))
+        return edits.replace(self, msg_id, text, recompute_tail=recompute_tail)
 
     # ------------------------------------------------------------------ sub-agents, parking, lifetime
 
@@ -520,114 +470,49 @@ class Session:
     def spawn(self, task: str, *, name: str = "subagent", **generate_kwargs) -> str:
         """Run a child session on ``task`` and record its answer here as a tool message.
 
-        The child starts from the shared prefix: this session's :class:`PrefixCache` (a copy of its
-        KV, nothing recomputed) or, without one, this session's leading system messages (prefilled
-        in the child). It gets a fresh cache of the same storage format, answers with
-        ``generate(**generate_kwargs)``, and its cache is freed before this returns
-        (``last_spawn`` records its device bytes before and after). This session's cache is not
-        touched; the tool message is pending until the next ``generate``.
+        See :func:`kvcompact.agent.spawn.spawn`.
         """
-        self._require_editable("spawn")
-        self._check_live()
-        if self._prefix is not None:
-            child = self._prefix.session()
-        else:
-            child = Session(self.model, self.tokenizer, self._new_cache(), rope_style=self._rope_style,
-                            prefill_chunk=self.prefill_chunk, **self._renderer_options)
-            for m in self.messages:
-                if m.role != "system":
-                    break
-                child.add(m.role, m.content, id=m.id, name=m.name)
-        child.add("user", task)
-        answer = child.generate(**generate_kwargs)
-        used = child.cache.stats().device_bytes
-        child_messages = child.messages
-        ref = weakref.ref(child.cache)
-        child.close()
-        after = sum(layer.storage.nbytes for layer in kvedit.attention_layers(ref())) if ref() is not None else 0
-        del child
-        if ref() is not None:  # the cache's layers hold bound methods of it: a cycle for the collector
-            import gc
+        from kvcompact.agent import spawn
 
-            gc.collect()
-        self.last_spawn = SpawnRecord(answer, child_messages, used, after, ref() is None)
-        self.add("tool", answer, name=name)
-        return answer
+        return spawn.spawn(self, task, name=name, **generate_kwargs)
+
+    def park(self, pool=None) -> int:
+        """Move the cache to pinned host memory; returns bytes parked. See :func:`kvcompact.agent.park.park`."""
+        from kvcompact.agent import park
+
+        return park.park(self, pool)
+
+    def resume(self) -> None:
+        """Bring a parked cache back to the device. See :func:`kvcompact.agent.park.resume`."""
+        from kvcompact.agent import park
+
+        park.resume(self)
 
     def close(self) -> None:
         """Free the cache's buffers and workspace; the session can no longer be used."""
         if self.cache is not None:
             self.cache.reset()
-            self.cache.release_workspace()
+            if hasattr(self.cache, "release_workspace"):
+                self.cache.release_workspace()
         self.cache = None
         self._cache_ids = []
-
-    def _buffers(self) -> list:
-        """``(layer, attribute)`` of every cache buffer (token buffers and residual shadows)."""
-        out = []
-        for layer in kvedit.attention_layers(self.cache):
-            if not layer.is_initialized:
-                continue
-            names = list(layer.storage._shapes(0))
-            if layer.storage.residual:
-                names += ["key_shadow", "value_shadow"]
-            out.extend((layer, n) for n in names)
-        return out
-
-    def park(self, pool=None) -> int:
-        """Move the cache to pinned host memory (``kvcompact.offload``); returns bytes parked.
-
-        The device buffers are released (device memory returns to the allocator once the copy has
-        read them; on CPU the copy is synchronous). Every other method raises until
-        :meth:`resume`. ``pool``: a :class:`~kvcompact.offload.PinnedPool` to use (default: one
-        sized for this cache, allocated here; on a CPU-only machine it is ordinary memory).
-        """
-        self._require_editable("park")
-        from kvcompact.offload import PinnedPool, SessionParker
-
-        self._check_live()
-        bufs = self._buffers()
-        tensors = [getattr(layer.storage, n) for layer, n in bufs]
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        if pool is None:
-            pool = PinnedPool(nbytes + 4096 * (len(tensors) + 1), allow_pageable_fallback=True)
-        parker = SessionParker(pool)
-        handle = parker.park(tensors)
-        for (layer, n), t in zip(bufs, tensors):
-            setattr(layer.storage, n, t.new_empty((0,) * t.dim()))
-        del tensors
-        self._parked = (parker, handle, bufs)
-        return handle.nbytes
-
-    def resume(self) -> None:
-        """Bring a parked cache back to the device (blocks the current stream until it is there)."""
-        if self._parked is None:
-            return
-        parker, handle, bufs = self._parked
-        device = next(self.model.parameters()).device
-        restored = parker.resume(handle, device=device)
-        restored.wait()
-        for (layer, n), t in zip(bufs, restored.tensors):
-            setattr(layer.storage, n, t)
         self._parked = None
 
-    @property
-    def parked(self) -> bool:
-        return self._parked is not None
-
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (session_io)
 
     def save(self, path) -> None:
-        """Write a checkpoint directory (atomic, checksummed; see :mod:`kvcompact.agent.checkpoint`).
+        """Write a checkpoint directory (atomic, checksummed; see :mod:`kvcompact.agent.session_io`).
 
         Holds the messages (including dropped tombstones, which the template rendering needs), the
         token ids of each, the cache buffers (codes, scales, residual shadows: only the valid rows),
-        per-layer lengths, renderer options and the model identity.
+        per-layer lengths, renderer options and the model identity. What a failed feed left unfed
+        is fed first, so the checkpoint's cache holds every fed message.
         """
         self._require_editable("save")
         from kvcompact.agent.session_io import save_session
 
         self._check_live()
+        self._sync_physical()
         save_session(self, path)
 
     @classmethod
@@ -641,87 +526,3 @@ class Session:
         from kvcompact.agent.session_io import load_session
 
         return load_session(cls, path, model, tokenizer, **session_kwargs)
-
-
-class PrefixCache:
-    """The KV of a shared prefix (system prompt, tool schemas), computed once, copied into sessions.
-
-    Parameters
-    ----------
-    model, tokenizer
-        As for :class:`Session`.
-    messages_or_text : str or sequence of Message/dict
-        The prefix: a string is one system message.
-    cache_kwargs : dict, optional
-        ``KVCompactCache`` options (``kv_dtype``, ``group_size``, ``residual``) for the prefix and
-        every session made from it.
-    **session_kwargs
-        Renderer and session options (``chat_template``, ``tools``, ...), shared by the sessions.
-
-    Attributes
-    ----------
-    token_ids : list of int
-        The prefix tokens.
-    sha256 : str
-        :func:`prefix_sha256` of ``token_ids``.
-    """
-
-    def __init__(self, model, tokenizer, messages_or_text, *, cache_kwargs: Mapping | None = None,
-                 **session_kwargs):
-        from kvcompact.cache import KVCompactCache
-
-        if isinstance(messages_or_text, str):
-            messages = [Message("system", messages_or_text)]
-        else:
-            messages = [as_message(m) for m in messages_or_text]
-        if not messages:
-            raise ValueError("PrefixCache needs at least one message")
-        self.model, self.tokenizer = model, tokenizer
-        self.cache_kwargs = dict(cache_kwargs or {})
-        self.session_kwargs = dict(session_kwargs)
-        base = Session(model, tokenizer, KVCompactCache(model.config, **self.cache_kwargs), **self.session_kwargs)
-        for m in messages:
-            base.add_message(m)
-        base.prefill()
-        self._base = base
-        self.messages = [e.message for e in base._entries]
-        self.token_ids = list(base._cache_ids)
-        self.sha256 = prefix_sha256(self.token_ids)
-
-    def check(self, messages_or_text) -> None:
-        """Raise :class:`PrefixChangedError` if this prefix renders to other tokens than the cached ones."""
-        msgs = [Message("system", messages_or_text)] if isinstance(messages_or_text, str) else \
-            [as_message(m) for m in messages_or_text]
-        ids = self._base.renderer.render_ids(msgs)
-        if prefix_sha256(ids) != self.sha256:
-            at = _common_prefix(ids, self.token_ids)
-            lo = max(0, at - 8)
-            raise PrefixChangedError(
-                f"the prefix changed: its sha256 is {prefix_sha256(ids)[:16]}..., the cached prefix's "
-                f"{self.sha256[:16]}...; first difference at token {at}: cached "
-                f"{self.tokenizer.decode(self.token_ids[lo:at + 8])!r}, now {self.tokenizer.decode(ids[lo:at + 8])!r}. "
-                "Text that changes per run (a timestamp, a random id) in the system prompt defeats prefix reuse: "
-                "move it after the prefix, or build a new PrefixCache")
-
-    def session(self, prefix=None, **overrides) -> Session:
-        """A new :class:`Session` whose cache starts as a copy of the prefix KV (no prefix token is fed).
-
-        ``prefix``: the prefix as the caller built it this time (str or messages); when given it is
-        checked against the cached one (:meth:`check`) first.
-        """
-        import copy
-
-        if prefix is not None:
-            self.check(prefix)
-        kwargs = {**self.session_kwargs, **overrides}
-        s = Session(self.model, self.tokenizer, self._base._new_cache(), **kwargs)
-        s.cache = copy.deepcopy(self._base.cache)
-        s.cache.release_workspace()
-        s._entries = [_Entry(e.message, list(e.ids), e.state) for e in self._base._entries]
-        s._cache_ids = list(self._base._cache_ids)
-        s._prefix = self
-        return s
-
-    @property
-    def stats(self):
-        return self._base.cache.stats()

@@ -1,8 +1,8 @@
 """Session checkpoints: :meth:`Session.save` / :meth:`Session.load` over ``checkpoint.py``.
 
-Tensors (one safetensors file per family, see ``write_checkpoint``): for every attention layer
-``i`` the valid rows ``[:, :, :length]`` of each buffer -- ``keys.i``/``values.i`` (lossless) or
-``key_codes.i``/``value_codes.i``/``key_scales.i``/``value_scales.i`` (8-bit) -- and, with a
+Tensors (the cache's ``export_state()``, one safetensors file per family, see
+``write_checkpoint``): for every attention layer ``i`` the valid rows ``[:, :, :length]`` of each
+buffer -- ``keys.i``/``values.i`` (lossless) or ``key_codes.i``/``value_codes.i``/``key_scales.i``/``value_scales.i`` (8-bit) -- and, with a
 residual window, ``key_shadow.i``/``value_shadow.i`` (rows ``[:shadow_len]``).
 
 Meta (JSON, checksummed with the rest): the session format version, the model identity
@@ -18,15 +18,13 @@ conversation and :class:`CheckpointError` says so.
 
 from __future__ import annotations
 
-import torch
-
-from kvcompact.agent import kvedit
 from kvcompact.agent.checkpoint import CheckpointError, model_identity, read_checkpoint, write_checkpoint
+from kvcompact.agent.entries import Entry
 from kvcompact.agent.messages import Message
 
-__all__ = ["save_session", "load_session"]
+__all__ = ["save_session", "load_session", "SESSION_FORMAT"]
 
-_SHADOWS = ("key_shadow", "value_shadow")
+SESSION_FORMAT = 1
 
 
 def _message_dict(m: Message) -> dict:
@@ -36,25 +34,9 @@ def _message_dict(m: Message) -> dict:
 
 
 def save_session(session, path) -> None:
-    from kvcompact.agent.session import SESSION_FORMAT
-
+    """Write ``session`` (its cache's ``export_state`` and its rendered history) to ``path``."""
     cache = session.cache
-    tensors, layers = {}, []
-    for i, layer in enumerate(kvedit.attention_layers(cache)):
-        if not layer.is_initialized:
-            layers.append(None)
-            continue
-        store = layer.storage
-        n = store.length
-        for name in store._shapes(0):
-            tensors[f"{name}.{i}"] = getattr(store, name)[:, :, :n]
-        if store.residual and store.shadow_len:
-            for name in _SHADOWS:
-                tensors[f"{name}.{i}"] = getattr(store, name)[:, :, :store.shadow_len]
-        layers.append({"physical": n, "logical": layer.logical_len, "tail_contiguous": layer._tail_contiguous,
-                       "shadow_len": store.shadow_len, "dtype": str(store.dtype).replace("torch.", ""),
-                       "shape": [store.batch, store.heads, store.head_dim]})
-    opts = dict(session._renderer_options)
+    tensors, layers = cache.export_state()
     meta = {
         "model": model_identity(session.model),
         "session": {
@@ -67,7 +49,7 @@ def save_session(session, path) -> None:
             "pending": [_message_dict(m) for m in session._pending],
             "gen_tail": list(session._gen_tail),
             "gen_prompt": session._gen_prompt,
-            "renderer": opts,
+            "renderer": dict(session._renderer_options),
             "rope_style": session._rope_style,
             "prefix_sha256": session._prefix.sha256 if session._prefix is not None else None,
         },
@@ -76,7 +58,7 @@ def save_session(session, path) -> None:
 
 
 def load_session(cls, path, model, tokenizer, **session_kwargs):
-    from kvcompact.agent.session import SESSION_FORMAT, _Entry
+    """The session saved at ``path``, on ``model``/``tokenizer`` (``CheckpointError`` if it does not fit)."""
     from kvcompact.cache import KVCompactCache
 
     device = next(model.parameters()).device
@@ -91,36 +73,15 @@ def load_session(cls, path, model, tokenizer, **session_kwargs):
     cache = KVCompactCache(model.config, kv_dtype=c["kv_dtype"], group_size=c["group_size"], residual=c["residual"])
     opts = {**info["renderer"], **session_kwargs}
     s = cls(model, tokenizer, cache, rope_style=info.get("rope_style"), **opts)
-    layers = kvedit.attention_layers(cache)
-    if len(layers) != len(c["layers"]):
-        raise CheckpointError(f"{path}: {len(c['layers'])} cache layers saved, the model has {len(layers)}")
-    for i, (layer, li) in enumerate(zip(layers, c["layers"])):
-        if li is None:
-            continue
-        b, h, d = li["shape"]
-        like = torch.empty((b, h, 0, d), dtype=getattr(torch, li["dtype"]), device=device)
-        layer.lazy_initialization(like, like)
-        store = layer.storage
-        n = li["physical"]
-        store.reserve(n)
-        for name in store._shapes(0):
-            t = tensors.get(f"{name}.{i}")
-            if t is None or t.shape[2] != n:
-                raise CheckpointError(f"{path}: tensor {name}.{i} missing or of the wrong length")
-            getattr(store, name)[:, :, :n].copy_(t)
-        layer.set_lengths(physical=n, logical=li["logical"], tail_contiguous=li["tail_contiguous"])
-        if li["shadow_len"]:
-            for name in _SHADOWS:
-                getattr(store, name)[:, :, :li["shadow_len"]].copy_(tensors[f"{name}.{i}"])
-            store.shadow_len = li["shadow_len"]
-
-    s._entries = [_Entry(Message.from_dict(e["message"]), list(e["ids"]), e["state"]) for e in info["entries"]]
-    s._pending = [Message.from_dict(m) for m in info["pending"]]
-    s._gen_tail = list(info["gen_tail"])
-    s._gen_prompt = bool(info["gen_prompt"])
-    s._cache_ids = s._target_ids()
-    if layers and layers[0].is_initialized and layers[0].physical_len != len(s._cache_ids):
-        raise CheckpointError(f"{path}: the cache holds {layers[0].physical_len} tokens, the messages "
+    try:
+        cache.import_state(tensors, c["layers"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: the saved cache does not fit this model's cache: {err}") from None
+    entries = [Entry(Message.from_dict(e["message"]), list(e["ids"]), e["state"]) for e in info["entries"]]
+    s._adopt(cache, entries, pending=[Message.from_dict(m) for m in info["pending"]], gen_tail=info["gen_tail"],
+             gen_prompt=info["gen_prompt"])
+    if cache.physical_length != len(s._cache_ids):
+        raise CheckpointError(f"{path}: the cache holds {cache.physical_length} tokens, the messages "
                               f"{len(s._cache_ids)}")
     rendered = s.renderer.render_ids(s._history(), s._gen_prompt) if s._entries else []
     if rendered != s._virtual_ids():
