@@ -7,10 +7,12 @@ explicit softmaxes and pooling, sets of kept positions. They state the rules of 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kvcompact.policies as P
 from kvcompact import reference
@@ -607,7 +609,11 @@ def test_kvpress_bridge_contract_without_kvpress():
     k, v = rand_kv(t=50)
     ours = get_policy("knorm", sinks=2, recent=4).keep_indices(None, 20, keys=k, values=v)
     obs = ObservedQueries(8, keep_hidden=True)
+    obs.observe(torch.randn(2, 2, 8, 8), hidden_states=torch.randn(2, 8, 64))
     assert torch.equal(pol.keep_indices(None, 20, keys=k, values=v, observed=obs), ours)
+    # A query-aware press with nothing observed is refused, not fed made-up hidden states.
+    with pytest.raises(RuntimeError, match="attach"):
+        pol.keep_indices(None, 20, keys=k, values=v, observed=ObservedQueries(8, keep_hidden=True))
     # Through attach, the press receives the attention module, the window's hidden states and RoPE tables.
     model = tiny_model("llama", "sdpa")
     cache = CompactingDynamicCache(P.KVPressPolicy(press, window=8, sinks=2, recent=4), 16, 2)
@@ -617,6 +623,100 @@ def test_kvpress_bridge_contract_without_kvpress():
     module, hidden, attentions, kwargs = press.calls[0]
     assert module is model.model.layers[0].self_attn and attentions is None
     assert hidden.shape == (1, 8, 64) and kwargs["position_embeddings"][0].shape == (1, 8, 16)
+
+
+@dataclasses.dataclass
+class MirrorSnapKVPress:
+    """kvpress's ``SnapKVPress`` (window_size=64, kernel_size=5), its ``score`` restated line by line.
+
+    kvpress pins transformers < 5.3, so it cannot be installed next to 5.24; this mirror keeps what
+    the bridge must satisfy, above all the assertion ``q_len > window_size`` on the hidden states.
+    """
+
+    compression_ratio: float = 0.0
+    window_size: int = 64
+    kernel_size: int = 5
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        bsz, num_key_value_heads, k_len, _ = keys.shape
+        groups = module.config.num_attention_heads // num_key_value_heads
+        q_len = hidden_states.shape[1]
+        assert q_len > self.window_size, f"Query length {q_len} should be greater than the window size {self.window_size}"
+        w, head_dim = self.window_size, module.head_dim
+        # compute_window_attention: the last w queries (get_query_states + rotate-half RoPE) ...
+        q = module.q_proj(hidden_states[:, -w:]).view(bsz, w, -1, head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        cos, sin = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
+        x1, x2 = q.chunk(2, dim=-1)
+        q = q * cos + torch.cat((-x2, x1), dim=-1) * sin
+        # ... onto every key, causally for query i at key position k_len - w + i, keys before the window kept.
+        k = keys.repeat_interleave(groups, dim=1)
+        attn = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)
+        attn = attn + torch.triu(torch.ones_like(attn) * float("-inf"), diagonal=k_len - w + 1)
+        attn = torch.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype)[..., :-w]
+        scores = attn.mean(dim=-2)
+        scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
+        scores = scores.view(bsz, num_key_value_heads, groups, k_len - w).mean(2)
+        return F.pad(scores, (0, w), value=scores.max().item())
+
+
+class RecordingCompactingCache(CompactingDynamicCache):
+    """Also keeps, per layer, the keys each eviction scored (before compaction)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.scored_keys = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.last_keep[layer_idx] is not None:
+            self.scored_keys[layer_idx] = k.clone()
+        return k, v
+
+
+def test_kvpress_snapkv_press_with_default_window_evicts_like_kvpress_on_the_prompt():
+    """Default KVPressPolicy(SnapKVPress()): the bridge captures window_size + 1 tokens, so kvpress'
+    assertion holds, and the keep set equals kvpress' own score on the whole prompt."""
+    press = MirrorSnapKVPress()
+    pol = get_policy(press)
+    assert pol.window == press.window_size + 1
+    model = tiny_model("llama", "sdpa")
+    budget, prompt = 80, 100
+    cache = RecordingCompactingCache(pol, budget, 4)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault(module.layer_idx, (kwargs["hidden_states"].clone(), kwargs["position_embeddings"]))
+
+    attn = model.model.layers[0].self_attn
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad(), P.attach(model, cache):
+            model(ids, **cache_kwargs(cache))
+    finally:
+        handle.remove()
+    keep = cache.last_keep[0]
+    check_keep_idx(keep, 1, 2, budget, prompt)
+    hidden, pe = seen[0]
+    with torch.no_grad():  # kvpress at prefill: the full prompt's hidden states
+        ref = press.score(attn, hidden, cache.scored_keys[0], None, None, {"position_embeddings": pe})
+    assert torch.equal(keep, ref_select(ref.float(), budget, pol.sinks, pol.recent))
+
+
+def test_kvpress_window_must_exceed_the_press_window():
+    assert P.KVPressPolicy(MirrorSnapKVPress(window_size=16)).window == 17
+    assert P.KVPressPolicy(FakeKnormPress()).window == 64  # no window of its own
+    assert P.KVPressPolicy(MirrorSnapKVPress(), window=100).window == 100
+    with pytest.raises(ValueError, match="window=64 must exceed the press's window_size=64"):
+        P.KVPressPolicy(MirrorSnapKVPress(), window=64)
+
+
+def test_kvpress_eviction_before_enough_tokens_says_so():
+    model = tiny_model("llama", "sdpa")
+    cache = CompactingDynamicCache(get_policy(MirrorSnapKVPress()), 40, 4)
+    with torch.no_grad(), P.attach(model, cache), pytest.raises(RuntimeError, match="window_size=64"):
+        model(torch.randint(0, 128, (1, 50)), **cache_kwargs(cache))
 
 
 def CUDA(test):
