@@ -8,6 +8,7 @@ import torch
 
 from agent_fixtures import smollm2_model
 from kvcompact.agent import Message, TemplateRenderer
+from kvcompact.cache import compat
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ def test_increments_match_full_prefill_on_smollm2():
 
     def feed(ids):
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([ids]), use_cache=True, **compat.cache_kwargs(cache))
         fed.extend(ids)
         return out.logits[0, -1]
 

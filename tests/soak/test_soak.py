@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import kvcompact
+from kvcompact.cache import compat
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
@@ -82,13 +83,13 @@ def test_cache_soak_budget_fp8(request):
     rss0, t0 = _rss_kib(), time.perf_counter()
     with torch.inference_mode():
         for step in range(steps):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+            out = model(input_ids=tok, use_cache=True, **compat.cache_kwargs(cache)).logits[:, -1]
             phys = cache.stats().physical_tokens[0]
             if first_eviction is None and phys < last_phys:
                 first_eviction = step
                 ref = None  # free it
             if first_eviction is None:
-                rout = model(input_ids=tok, past_key_values=ref, use_cache=True).logits[:, -1]
+                rout = model(input_ids=tok, use_cache=True, **compat.cache_kwargs(ref)).logits[:, -1]
                 assert torch.equal(out, rout), f"step {step}: logits differ from the no-eviction reference"
                 compared += 1
             if phys < last_phys and step >= first_eviction + 2 * cache.slack:  # evicted, after warm-up
