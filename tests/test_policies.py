@@ -249,6 +249,17 @@ def test_pyramid_policy_floor_and_per_layer_selection():
         assert torch.equal(keep, ref_select(-k.norm(dim=-1), lb, 2, 4))
 
 
+def test_kvcompact_cache_refuses_a_pyramid_schedule_and_takes_uniform():
+    """docs/policies.md: the cache's full-attention layers share one budget (one mask for all)."""
+    from kvcompact import KVCompactCache
+
+    cfg = tiny_model("llama", "sdpa").config
+    with pytest.raises(ValueError, match="per-layer budgets are not supported"):
+        KVCompactCache(cfg, budget=100, policy=get_policy("knorm", schedule="pyramid"))
+    cache = KVCompactCache(cfg, budget=100, policy=get_policy("knorm"))
+    assert [layer.budget for layer in cache.layers] == [100, 100]
+
+
 # ---------------------------------------------------------------------------------------------
 # cache-only policies
 

@@ -135,11 +135,21 @@ def attach(model, cache, policy=None):
     dict[int, ObservedQueries]
         ``cache.observed`` (empty, and no hook installed, for cache-only policies).
 
+    Raises
+    ------
+    ValueError
+        For a query-aware policy on a model whose queries the hook cannot recompute: no suitable
+        attention module, interleaved (GPT-J) RoPE layout, or multimodal RoPE.
+
     Example
     -------
+    >>> from kvcompact.cache.compat import cache_kwargs
     >>> cache = KVCompactCache(model.config, budget=256, policy="snapkv")
     >>> with kvcompact.attach(model, cache):
-    ...     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=300)
+    ...     out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=300)
+
+    ``cache_kwargs(cache)`` is ``{"cache": cache}`` on transformers >= 5.24 (where
+    ``past_key_values=`` is deprecated) and ``{"past_key_values": cache}`` before.
     """
     policy = getattr(cache, "policy", None) if policy is None else policy
     policy = get_policy("streaming" if policy is None else policy)

@@ -19,6 +19,9 @@ rectangular, so memory really shrinks to ``K`` tokens per head.
 
 Per-layer budgets: :func:`budget_for_layer` maps the cache-wide budget to a layer's budget
 (``"uniform"`` or PyramidKV's ``"pyramid"``, which gives lower layers more and keeps the total).
+``KVCompactCache`` accepts only schedules that give every full-attention layer the same budget
+(transformers builds one attention mask for all of them), so ``"pyramid"`` there raises
+``ValueError``; the schedule serves callers that size layers themselves.
 """
 
 from __future__ import annotations
@@ -193,7 +196,8 @@ class Policy:
     recent : int
         Newest tokens always kept (default 32; policy-specific defaults noted per class).
     schedule : {"uniform", "pyramid"}
-        Per-layer budget schedule (see :func:`budget_for_layer`).
+        Per-layer budget schedule (see :func:`budget_for_layer`). ``KVCompactCache`` refuses
+        ``"pyramid"`` (its full-attention layers must share one budget).
     beta : float
         Pyramid steepness.
 
@@ -264,7 +268,11 @@ class Policy:
         return self.sinks + self.recent + 1
 
     def layer_budget(self, layer_idx: int, num_layers: int, budget: int) -> int:
-        """This layer's budget under ``self.schedule`` (the cache should size each layer with it)."""
+        """This layer's budget under ``self.schedule``.
+
+        ``KVCompactCache`` calls it per layer and raises ``ValueError`` if a full-attention layer's
+        budget differs from the cache-wide one; other callers may size their layers with it.
+        """
         return budget_for_layer(
             layer_idx, num_layers, budget, schedule=self.schedule, beta=self.beta, min_budget=self.min_budget
         )
