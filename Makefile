@@ -56,14 +56,17 @@ test-cpu-variant: setup
 	cd tests && PYTHONPATH=../build/cpu-variant ../$(PY) -c "import kvcompact; info = kvcompact.build_info(); print('cpu variant:', info); assert not info['cuda_kernels']"
 	cd tests && PYTHONPATH=../build/cpu-variant KVCOMPACT_FUZZ_EXAMPLES=200 ../$(PY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
 
-# The cache against the oldest supported transformers line: that release and
-# its own dependencies go into a side folder that shadows the newest ones.
+# The cache, the policies (through kvcompact.attach) and the agent session against
+# the oldest supported transformers line: that release and its own dependencies go
+# into a side folder that shadows the newest ones. test_packaging.py checks the
+# model calls there too (past_key_values= is still the current name on 4.57).
 TF_OLDEST ?= transformers>=4.57,<4.58
+TF_OLDEST_TESTS := test_cache.py test_policies.py test_session.py test_packaging.py
 test-tf-oldest: build
 	rm -rf build/tf-oldest
 	$(PIP) install -q --target build/tf-oldest "$(TF_OLDEST)"
 	cd tests && PYTHONPATH=../build/tf-oldest ../$(PY) -c "import transformers; print('oldest transformers line:', transformers.__version__)"
-	cd tests && PYTHONPATH=../build/tf-oldest ../$(PY) -m pytest -q -p no:cacheprovider --import-mode=append test_cache.py
+	cd tests && PYTHONPATH=../build/tf-oldest ../$(PY) -m pytest -q -p no:cacheprovider --import-mode=append $(TF_OLDEST_TESTS)
 
 # The README's install, for real: a fresh virtual environment holding only torch,
 # the README's install command (a CPU-only build, to keep it to a couple of minutes),

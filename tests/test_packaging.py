@@ -207,6 +207,12 @@ def test_cpu_variant_runs_every_kernel_test_file():
         assert re.search(rf"\b{re.escape(name)}\b", recipe), f"test-cpu-variant does not run {name}"
 
 
+def test_oldest_transformers_line_runs_cache_policy_and_session_tests():
+    recipe = _make_recipe("test-tf-oldest")
+    for name in ("test_cache.py", "test_policies.py", "test_session.py"):
+        assert re.search(rf"\b{re.escape(name)}\b", recipe), f"test-tf-oldest does not run {name}"
+
+
 def test_make_test_runs_the_install_check():
     recipe = re.search(r"^test:(.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
     for target in ("test-cpp", "test-py", "test-cpu-variant", "test-tf-oldest", "test-install"):
