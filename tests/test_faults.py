@@ -101,3 +101,34 @@ def test_disk_full_during_session_save_keeps_previous(mt, tmp_path, monkeypatch,
     s.generate(max_new_tokens=3)
     s.save(path)
     assert Session.load(path, model, tok).token_ids == s.token_ids
+
+
+def test_park_before_anything_was_fed(mt):
+    """A session that has fed nothing holds no buffer: park moves 0 bytes and resume works."""
+    model, tok = mt
+    s = Session(model, tok, kvcompact.KVCompactCache(model.config, kv_dtype="fp8_e4m3"))
+    assert s.park() == 0 and s.parked
+    with pytest.raises(kvcompact.agent.SessionError, match="parked"):
+        s.prefill()
+    s.resume()
+    s.add("user", "Hello.")
+    s.generate(max_new_tokens=2)
+    assert s.token_ids == s.renderer.render_ids(s.messages)
+
+
+@pytest.mark.parametrize("damage", ["missing", "short"])
+def test_load_of_a_consistent_checkpoint_with_a_bad_tensor(mt, tmp_path, damage):
+    """A checkpoint whose checksums are fine but whose tensors do not fit the saved layers (a
+    re-signed edit): CheckpointError naming the tensor, not a ValueError from the cache."""
+    model, tok = mt
+    s = _session(mt)
+    path = tmp_path / "ck"
+    s.save(path)
+    tensors, meta = ckpt.read_checkpoint(path)
+    if damage == "missing":
+        del tensors["key_codes.1"]
+    else:
+        tensors["key_codes.1"] = tensors["key_codes.1"][:, :, :-1]
+    ckpt.write_checkpoint(path, tensors, meta)
+    with pytest.raises(ckpt.CheckpointError, match="key_codes"):
+        Session.load(path, model, tok)
