@@ -496,6 +496,24 @@ def test_attach_captures_the_queries_attention_computed(kind, impl):
         torch.testing.assert_close(observed[i].queries, seen[i][:, :, -8:], rtol=0, atol=1e-6)
 
 
+def test_attach_observes_only_forwards_handed_its_cache_by_any_spelling():
+    """The cache reaches the attention as ``cache=`` (5.24), ``past_key_values=`` (older) or the
+    fourth positional argument; a forward with another cache, or none, is not observed."""
+    model = tiny_model("llama", "sdpa")
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(1, 6, 64)
+    pe = model.model.rotary_emb(h, torch.arange(6).unsqueeze(0))
+    cache, other = transformers.DynamicCache(), transformers.DynamicCache()
+    with torch.no_grad(), P.attach(model, cache, "h2o") as observed:
+        attn(h, pe, None, other)  # another cache, positionally
+        model(torch.randint(0, 128, (1, 5)), use_cache=False)  # no cache at all
+        assert observed == {}
+        model(torch.randint(0, 128, (1, 3)), **cache_kwargs(cache))
+        assert observed[0].num_pending == 3 and observed[1].num_pending == 3
+        attn(h, pe, None, cache)  # this cache, positionally
+        assert observed[0].num_pending == 9 and observed[1].num_pending == 3
+
+
 def test_attach_is_a_no_op_for_cache_only_policies():
     model = tiny_model("llama", "sdpa")
     cache = transformers.DynamicCache()
