@@ -318,7 +318,11 @@ class Session:
 
     @torch.no_grad()
     def _model_step(self, ids: Sequence[int]) -> torch.Tensor:
-        """One forward of ``ids`` after the cache's tokens; logits of the last one ``[vocab]``."""
+        """One forward of ``ids`` after the cache's tokens; logits of the last one ``[vocab]``.
+
+        The cache goes in as ``cache=`` (``past_key_values=`` on transformers before 5.24), through
+        ``compat.cache_kwargs``.
+        """
         chunk = torch.tensor([list(ids)], dtype=torch.long, device=self._device())
         out = self.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **compat.cache_kwargs(self.cache))
         self.fed_tokens += len(ids)
