@@ -183,10 +183,15 @@ def rope_layout(model) -> str:
     ValueError
         When neither the modeling module nor the model type tells.
     """
-    mods = []
-    for _, module, _ in _rotary_modules(model):
-        mods.append(type(module).__module__)
+    # Where RoPE is applied decides: the attention modules' file first (a rotary embedding class
+    # may be imported from another model's file), then the model's, then the rotary module's.
+    mods = [
+        type(m).__module__
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and (hasattr(m, "q_proj") or hasattr(m, "qkv_proj"))
+    ]
     mods.append(type(model).__module__)
+    mods.extend(type(module).__module__ for _, module, _ in _rotary_modules(model))
     for name in dict.fromkeys(mods):
         pymod = sys.modules.get(name)
         fn = getattr(pymod, "rotate_half", None)
