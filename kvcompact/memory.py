@@ -82,6 +82,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from kvcompact import formats as _formats
+
 __all__ = [
     "BUILTIN_CONFIGS",
     "CachedTensor",
@@ -104,7 +106,7 @@ __all__ = [
 ]
 
 GiB = 1 << 30
-SCALE_BYTES = 4  # one fp32 scale per group
+SCALE_BYTES = _formats.SCALE_BYTES  # one fp32 scale per group
 
 
 class ConfigError(ValueError):
@@ -124,7 +126,7 @@ _DENSE_BYTES = {
 _DENSE_CANONICAL = {
     "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
 }
-QUANTIZED_FORMATS = ("fp8_e4m3", "fp8_e5m2", "int8")
+QUANTIZED_FORMATS = _formats.FORMAT_NAMES
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def storage_format(kv_dtype: Any = None, group_size: int | None = None, *,
         kv_dtype = model_dtype if model_dtype is not None else "bf16"
     name = _dtype_name(kv_dtype)
     if name in QUANTIZED_FORMATS:
-        return StorageFormat(name, 1, True, group_size)
+        return StorageFormat(name, _formats.FORMATS[name].code_bytes, True, group_size)
     if name in _DENSE_BYTES:
         if group_size is not None:
             raise ValueError(f"group_size applies to quantized storage only, not {name}")
