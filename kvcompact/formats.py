@@ -2,15 +2,14 @@
 estimator all read.
 
 The compiled kernels carry the same numbers in ``csrc/include/kvcompact/quant_math.h``
-(``FormatTraits``); ``tests/test_formats.py`` checks that both agree by quantizing values whose
-scale reveals ``qmax``.
+(``FormatTraits``); ``tests/test_cache_edits.py`` checks that both agree by quantizing values whose
+scale reveals ``qmax``. The table itself needs no torch (the memory estimator reads it); the torch
+dtype of the codes is looked up on first use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 __all__ = ["KVFormat", "FORMATS", "FORMAT_NAMES", "SCALE_BYTES", "get_format", "format_of_dtype"]
 
@@ -26,8 +25,8 @@ class KVFormat:
     ----------
     name : str
         ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"int8"`` (the ``fmt`` / ``kv_dtype`` string).
-    dtype : torch.dtype
-        Dtype of the codes.
+    dtype_name : str
+        Name of the codes' torch dtype (``dtype`` is the dtype itself).
     qmax : float
         Largest code magnitude; a group's scale is ``absmax / qmax``.
     code_bytes : int
@@ -35,21 +34,27 @@ class KVFormat:
     """
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str
     qmax: float
     code_bytes: int = 1
+
+    @property
+    def dtype(self):
+        """The codes' ``torch.dtype``."""
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
 
 FORMATS: dict[str, KVFormat] = {
     f.name: f
     for f in (
-        KVFormat("fp8_e4m3", torch.float8_e4m3fn, 448.0),
-        KVFormat("fp8_e5m2", torch.float8_e5m2, 57344.0),
-        KVFormat("int8", torch.int8, 127.0),
+        KVFormat("fp8_e4m3", "float8_e4m3fn", 448.0),
+        KVFormat("fp8_e5m2", "float8_e5m2", 57344.0),
+        KVFormat("int8", "int8", 127.0),
     )
 }
 FORMAT_NAMES: tuple[str, ...] = tuple(FORMATS)
-_BY_DTYPE = {f.dtype: f for f in FORMATS.values()}
 
 
 def get_format(name: str, argument: str = "fmt") -> KVFormat:
@@ -60,6 +65,6 @@ def get_format(name: str, argument: str = "fmt") -> KVFormat:
         raise ValueError(f"{argument} must be one of {list(FORMAT_NAMES)}, got {name!r}") from None
 
 
-def format_of_dtype(dtype: torch.dtype) -> KVFormat | None:
-    """The format whose codes have ``dtype`` (None for any other dtype)."""
-    return _BY_DTYPE.get(dtype)
+def format_of_dtype(dtype) -> KVFormat | None:
+    """The format whose codes have the torch ``dtype`` (None for any other dtype)."""
+    return next((f for f in FORMATS.values() if f.dtype == dtype), None)

@@ -384,12 +384,23 @@ def test_matches_transformers_cache_and_params(model_type):
     )
 
 
-def test_memory_module_needs_neither_torch_nor_the_extension():
+def test_the_format_table_needs_neither_torch_nor_the_extension():
+    # memory.py reads its quantized formats from kvcompact/formats.py (the one table ops and the
+    # cache share); the table itself must stay torch-free so the estimator's numbers need no torch.
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('m', {str(ROOT / 'kvcompact' / 'memory.py')!r})\n"
-        "m = sys.modules['m'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "assert m.kv_bytes_per_token(m.builtin_config('Llama-3.1-70B')) == 327680\n"
+        f"spec = importlib.util.spec_from_file_location('f', {str(ROOT / 'kvcompact' / 'formats.py')!r})\n"
+        "f = sys.modules['f'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(f)\n"
+        "assert f.FORMATS['fp8_e4m3'].qmax == 448.0 and f.FORMATS['int8'].code_bytes == 1\n"
         "assert 'torch' not in sys.modules and 'kvcompact._C' not in sys.modules, sorted(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_estimator_uses_the_format_table():
+    from kvcompact import formats
+
+    assert memory.QUANTIZED_FORMATS == formats.FORMAT_NAMES
+    assert memory.SCALE_BYTES == formats.SCALE_BYTES
+    for name, fmt in formats.FORMATS.items():
+        assert memory.storage_format(name).element_bytes == fmt.code_bytes
