@@ -493,6 +493,32 @@ def test_parker_threads_never_free_a_range_before_its_copy_completes(fake_async_
     assert s["inflight"] == 0 and s["transfers_to_host"] == 6 * 40 and s["transfers_to_device"] == 6 * 32
 
 
+def test_parker_failed_park_keeps_ranges_of_copies_already_issued(fake_async_parker, monkeypatch):
+    """The second copy of a park fails to enqueue: the first one's host range stays reserved until
+    its copy completes, then returns to the pool."""
+    from kvcompact.offload import parking
+
+    TrackedPool, violations = fake_async_parker
+    pool = TrackedPool(1 << 20)
+    parker = SessionParker(pool)
+    real, calls = parking.copy_whole_, []
+
+    def flaky(dst, src):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("enqueue failed")
+        return real(dst, src)
+
+    monkeypatch.setattr(parking, "copy_whole_", flaky)
+    with pytest.raises(RuntimeError, match="enqueue failed"):
+        parker.park([torch.ones(256), torch.ones(256)])
+    gc.collect()
+    assert violations == []
+    parker.synchronize()
+    gc.collect()
+    assert pool.used_bytes == 0 and violations == []
+
+
 def test_parker_concurrent_resume_of_one_handle_succeeds_once(fake_async_parker):
     """Two threads resuming the same handle: exactly one gets the tensors, the other a ValueError
     (never two copies out of one host range, one of them racing its return to the pool)."""

@@ -153,16 +153,18 @@ class SessionParker:
             with self._lock:
                 side = self._side(device)
                 side.wait_stream(torch.cuda.current_stream(device))  # pending writes land first
-                with torch.cuda.stream(side):
-                    for h, t in zip(host, tensors):
-                        copy_whole_(h, t.contiguous())
-                        t.record_stream(side)  # the caller may free t now
+                try:
+                    with torch.cuda.stream(side):
+                        for h, t in zip(host, tensors):
+                            copy_whole_(h, t.contiguous())
+                            t.record_stream(side)  # the caller may free t now
+                finally:
+                    # Keep the host ranges alive until the copies into them complete, even if
+                    # the caller drops the handle or a later copy failed to enqueue (else the
+                    # pool could hand them out while the DMA still writes).
                     event = torch.cuda.Event()
                     event.record(side)
-                # Keep the host ranges alive until the copy into them completes, even
-                # if the caller drops the handle (else the pool could hand them out
-                # while the DMA still writes).
-                self._inflight.append((event, list(host)))
+                    self._inflight.append((event, list(host)))
             copy_ms = 0.0
         else:
             t0 = time.perf_counter()
