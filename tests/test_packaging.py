@@ -12,12 +12,16 @@ import importlib.metadata
 import json
 import re
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as a package (the [test] extra installs it)
+    import tomli as tomllib
 
 import kvcompact
 
@@ -104,6 +108,17 @@ def test_extras_cover_each_optional_part():
     assert {"gguf", "accelerate", "matplotlib"} <= extras["demo"]      # kvcompact demo
     assert extras["all"] == extras["models"] | extras["agent"] | extras["demo"]
     assert extras["all"] <= extras["test"] and {"pytest", "hypothesis"} <= extras["test"]
+
+
+def test_the_test_environment_installs_every_declared_dependency():
+    # `make setup` installs requirements-test.txt, not the extras: it must hold all of them, or the
+    # suite would pass without the packages a user's install needs.
+    listed = {_requirement_name(line) for line in (ROOT / "requirements-test.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    declared = {_requirement_name(s) for s in PYPROJECT["project"]["dependencies"]}
+    for specs in PYPROJECT["project"]["optional-dependencies"].values():
+        declared |= {_requirement_name(s) for s in specs if "python_version" not in s}
+    assert declared - {"torch"} <= listed, sorted(declared - {"torch"} - listed)
 
 
 def test_py_typed_is_in_the_source_tree_and_shipped():
