@@ -228,11 +228,12 @@ def test_splice_replaces_the_rows_and_shifts_the_tail(kv_dtype, new_len):
             torch.testing.assert_close(got[:, :, 3 + new_len:], tail, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype,residual", [(None, 0), ("int8", 0), ("int8", 4), ("fp8_e4m3", 16)])
 @pytest.mark.parametrize("new_len", [2, 9])
 @pytest.mark.parametrize("fail_after_layers", [0, 1])
-def test_a_failed_splice_restores_the_cache_and_reraises_the_original_error(kv_dtype, new_len, fail_after_layers):
-    cache = KVCompactCache(_cfg(), kv_dtype=kv_dtype)
+def test_a_failed_splice_restores_the_cache_and_reraises_the_original_error(kv_dtype, residual, new_len,
+                                                                            fail_after_layers):
+    cache = KVCompactCache(_cfg(), kv_dtype=kv_dtype, residual=residual)
     _feed(cache, 12)
     before = _state(cache)
     with pytest.raises(KeyboardInterrupt, match="interrupted mid-forward"):

@@ -138,9 +138,9 @@ class SpanEditsMixin:
             Used to re-rotate the tail by the length change ``new_len - (end - start)``.
 
         If ``forward`` raises, or writes another number of tokens than ``new_len``, the cache is put
-        back exactly as it was (rows, lengths; the residual shadow is dropped) and the original
-        exception propagates (a wrong count raises ``RuntimeError``). The rollback keeps a copy of
-        the replaced rows while ``forward`` runs: memory proportional to the span, not the cache.
+        back exactly as it was (rows, residual shadow, lengths) and the original exception
+        propagates (a wrong count raises ``RuntimeError``). The rollback keeps a copy of the
+        replaced rows while ``forward`` runs: memory proportional to the span, not the cache.
         """
         layers = self._check_span("splice", start, end)
         self._check_rope("splice", rope)
@@ -153,7 +153,8 @@ class SpanEditsMixin:
         delta = new_len - (end - start)
         # Everything the edit may overwrite, taken before anything changes: the replaced rows (the
         # move and the forward write over them) and each layer's bookkeeping.
-        saved = [(layer.snapshot(), layer.storage.copy_rows(start, end)) for layer in layers]
+        saved = [(layer.snapshot(), layer.storage.copy_rows(start, end) + layer.storage.copy_shadow())
+                 for layer in layers]
         try:
             for layer in layers:
                 layer.open_splice(start, end, new_len, position)
@@ -177,10 +178,11 @@ class SpanEditsMixin:
         n = snap[0]
         tail = n - end
         store = layer.storage
+        token_rows = len(store.token_tensors())
         store.move_rows(start + new_len, start + new_len + tail, end)
-        store.write_rows(start, rows)
+        store.write_rows(start, rows[:token_rows])
+        store.write_shadow(rows[token_rows:])  # the forward's appends went through the shadow too
         layer.restore(snap)
-        store.shadow_len = 0  # the shadow's rows may have been overwritten by the forward
 
     # -- whole state -----------------------------------------------------------------------------
 

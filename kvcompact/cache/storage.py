@@ -290,6 +290,17 @@ class TokenStore:
         for t, r in zip(self.token_tensors(), rows):
             t[:, :, start:start + r.shape[2]].copy_(r)
 
+    def copy_shadow(self) -> list[torch.Tensor]:
+        """Copies of the residual shadow's valid rows (empty without one)."""
+        if not (self.residual and self.shadow_len):
+            return []
+        return [t[:, :, : self.shadow_len].clone() for t in (self.key_shadow, self.value_shadow)]
+
+    def write_shadow(self, rows: list[torch.Tensor]) -> None:
+        """Put ``copy_shadow``'s tensors back (``shadow_len`` is the caller's to restore)."""
+        for t, r in zip((self.key_shadow, self.value_shadow) if rows else (), rows):
+            t[:, :, : r.shape[2]].copy_(r)
+
     # -- whole state (checkpoints, parking) ------------------------------------------------------
 
     def buffer_names(self) -> list[str]:
