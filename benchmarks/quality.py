@@ -99,7 +99,8 @@ def perplexity(model, cache, ids: torch.Tensor, context: int) -> float:
 def passkey_prompts(tokenizer, trials: int, target_tokens: int, seed: int = 0):
     """``trials`` (input_ids, key) pairs: filler with the key sentence at depths spread over the prompt."""
     rng = random.Random(seed)
-    words = open(GPL3).read().split()
+    with open(GPL3) as f:
+        words = f.read().split()
     prompts = []
     for i in range(trials):
         key = str(rng.randint(10000, 99999))
@@ -163,7 +164,8 @@ def main(argv=None):
     cache_cls = load_cache_class(args.cache)
     model, tokenizer = load_default()
     model.eval()
-    text_ids = tokenizer(open(GPL3).read(), return_tensors="pt").input_ids
+    with open(GPL3) as f:
+        text_ids = tokenizer(f.read(), return_tensors="pt").input_ids
     # Held-out: the second half of the file (the pass-key filler draws from anywhere; it is not scored).
     start = text_ids.shape[1] // 2
     ppl_ids = text_ids[:, start : start + args.ppl_context + args.ppl_tokens]
