@@ -113,6 +113,9 @@ class Session:
     cache : KVCompactCache
     renderer : TemplateRenderer
     last_spawn : SpawnRecord or None
+    last_tool_call : kvcompact.agent.park.ToolCallRecord or None
+        The latest :meth:`tool_call`: name, bytes parked, the tool's time, the model's wait for
+        the resume copy.
     fed_tokens : int
         Tokens fed to the model by this session so far (prefill + decode + splices).
     """
@@ -151,8 +154,10 @@ class Session:
         self._cache_ids: list = []  # physical token ids, in cache order
         self._prefix: PrefixCache | None = None
         self._parked = None
+        self._resume_record = None  # a tool_call whose resume wait is measured at the next forward
         self._broken: str | None = None  # why the cache no longer matches _cache_ids (see _recover)
         self.last_spawn: SpawnRecord | None = None
+        self.last_tool_call = None
         self.fed_tokens = 0
 
     def _adopt(self, cache, entries: list, *, pending=(), gen_tail=(), gen_prompt: bool = False,
@@ -323,6 +328,10 @@ class Session:
         The cache goes in as ``cache=`` (``past_key_values=`` on transformers before 5.24), through
         ``compat.cache_kwargs``.
         """
+        if self._resume_record is not None:
+            from kvcompact.agent.park import settle_resume
+
+            settle_resume(self)
         chunk = torch.tensor([list(ids)], dtype=torch.long, device=self._device())
         out = self.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **compat.cache_kwargs(self.cache))
         self.fed_tokens += len(ids)
@@ -492,6 +501,19 @@ class Session:
 
         park.resume(self)
 
+    def tool_call(self, name: str):
+        """``with session.tool_call("grep"): run_the_tool()`` parks the cache while the tool runs.
+
+        The park starts as the tool starts, the resume as it returns (both non-blocking, so the
+        copies overlap the tool and the host work after it); ``last_tool_call`` records the bytes
+        parked, the tool's time and how long the model waited for the resume copy. A raising tool
+        still gets the cache resumed and its exception propagates. See
+        :func:`kvcompact.agent.park.tool_call`.
+        """
+        from kvcompact.agent import park
+
+        return park.tool_call(self, name)
+
     def close(self) -> None:
         """Free the cache's buffers and workspace; the session can no longer be used."""
         if self.cache is not None:
@@ -501,6 +523,7 @@ class Session:
         self.cache = None
         self._cache_ids = []
         self._parked = None
+        self._resume_record = None
 
     # ------------------------------------------------------------------ checkpoints (session_io)
 

@@ -6,6 +6,15 @@ Example
 >>> cache = KVCompactCache(model.config, kv_dtype="fp8_e4m3")
 >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)  # past_key_values= before transformers 5.24
 >>> s = cache.stats(); s.device_bytes / s.dense_bytes   # 0.5625 for a bf16 model (codes + fp32 scale per 32)
+
+Idle offload (an agent waiting on a tool)
+-----------------------------------------
+>>> cache = KVCompactCache(model.config, kv_dtype="int8", offload="idle")
+>>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)
+>>> nbytes = cache.park()           # every buffer to pinned host memory; device_bytes -> 0
+>>> cache.stats().device_bytes, cache.stats().host_bytes > 0
+(0, True)
+>>> out = model.generate(out, cache=cache, max_new_tokens=32)   # resumes itself first
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import torch
 from kvcompact.cache import compat
 from kvcompact.cache.edits import SpanEditsMixin
 from kvcompact.cache.layer import KVCompactLayer
+from kvcompact.cache.parking import ParkingMixin
 from kvcompact.cache.storage import Workspace
 from kvcompact.formats import FORMATS
 
@@ -55,10 +65,15 @@ class CacheStats:
     device_bytes : int
         Device memory of the stored tokens: every buffer at its capacity (codes, scales, residual
         window). The dequantization workspace is scratch, reported apart in ``workspace_bytes``;
-        peak device memory of the cache is ``device_bytes + workspace_bytes``.
+        peak device memory of the cache is ``device_bytes + workspace_bytes``. 0 while parked.
     host_bytes : int
-        Pinned host memory held by the cache: always 0 today (the cache does not offload yet;
-        ``Session.park`` accounts for its own host copy).
+        Pinned host memory held for the cache, in every state. A cache built without ``pool=``
+        owns the pool it allocated at its first park and keeps it for the next one: its whole
+        ``capacity_bytes`` (0 before the first park; the same while parked and after resume). A
+        cache parking into a shared ``pool=``: the pool bytes its parked buffers occupy (each
+        buffer rounded up to the pool's 256-byte granule, as ``PinnedPool.used_bytes`` counts),
+        while parked or while the resume copy is in flight, else 0 -- so the ``host_bytes`` of
+        the caches sharing a pool add up to its ``used_bytes``.
     dense_bytes : int
         What the held (physical) tokens would take as K and V in the model dtype.
     workspace_bytes : int
@@ -74,7 +89,7 @@ class CacheStats:
     workspace_bytes: int = 0
 
 
-class KVCompactCache(SpanEditsMixin, compat.Cache):
+class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
     """A ``transformers.Cache`` over preallocated, optionally 8-bit buffers with token budgets.
 
     Example
@@ -104,9 +119,20 @@ class KVCompactCache(SpanEditsMixin, compat.Cache):
         keep_idx [B, H, K]`` (``kvcompact.policies.Policy``); its ``validate(budget, num_layers)``
         is called here, so a bad budget fails at construction. Per-layer budgets (a policy whose
         ``layer_budget`` differs by layer, e.g. a pyramid schedule) are refused: see Notes.
-    offload : None
-        Only None for now: ``"layers"`` / ``"idle"`` raise ``ValueError`` until the cache can
-        offload (``Session.park`` parks a session's cache today).
+    offload : {None, "idle"}
+        What using a parked cache does (every cache can :meth:`park` / :meth:`resume`; see
+        :mod:`kvcompact.cache.parking`). ``"idle"``: the cache lives on the device while used and
+        goes to pinned host memory while idle; ``update`` (a forward, ``generate``), ``crop``,
+        span edits and exports on a parked cache resume it first, so a model may run on it as
+        if it had never left (same tokens). None: the cache moves only when told, and those
+        operations on a parked cache raise ``RuntimeError`` until :meth:`resume`. ``"layers"``
+        (every layer on the host, streamed in during the forward) is not built yet and raises
+        ``ValueError``.
+    pool : kvcompact.offload.PinnedPool, optional
+        Pinned host memory to park into, shared with other caches or sessions. Default: the
+        cache allocates one sized for its buffers at its first park and reuses it (growing it
+        geometrically if the buffers outgrew it). A shared pool too small for the cache makes
+        :meth:`park` raise ``PoolExhaustedError`` and leaves the cache on the device, unchanged.
     residual : int
         Newest tokens per layer also kept in full precision (quantized formats only).
 
@@ -131,6 +157,12 @@ class KVCompactCache(SpanEditsMixin, compat.Cache):
     * Span edits (:meth:`drop_span`, :meth:`splice`, :meth:`shift_keys`) and whole-state
       export/import (:meth:`export_state`, :meth:`storage_tensors`) are methods of the cache; see
       :class:`~kvcompact.cache.edits.SpanEditsMixin`.
+    * Parking (:meth:`park`, :meth:`resume`, :attr:`parked`): every buffer of every layer --
+      codes and scales or model-dtype K/V, residual shadows, full and sliding layers -- goes to
+      pinned host memory, the device buffers and the workspace are freed; lengths stay, so
+      ``get_seq_length`` and :meth:`stats` answer while parked. ``park()`` of a parked cache and
+      ``resume()`` of one that is not parked raise ``ValueError``; :meth:`reset` of a parked
+      cache discards the host copy. See :class:`~kvcompact.cache.parking.ParkingMixin`.
     * Returned K/V: lossless layers return views of their buffers (valid until that layer's next
       update); quantized layers return the shared workspace (valid until the next quantized update
       of any layer) -- attention consumes them before the next layer runs.
@@ -146,10 +178,12 @@ class KVCompactCache(SpanEditsMixin, compat.Cache):
         policy=None,
         offload=None,
         residual: int = 0,
+        pool=None,
     ):
         text = config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         group_size = self._check_args(kv_dtype, group_size, budget, policy, offload, residual, head_dim)
+        self._check_pool(pool)
         kinds = compat.layer_kinds(config)
         policy = self._resolve_policy(policy, budget, len(kinds))
         self.kv_dtype, self.group_size, self.residual = kv_dtype, group_size, residual
@@ -161,6 +195,7 @@ class KVCompactCache(SpanEditsMixin, compat.Cache):
         self.workspace = Workspace()
         self.observed: dict = {}  # layer_idx -> captured queries; filled by kvcompact.attach
         self._padded: bool | None = None  # None: not declared; see note_attention_mask
+        self._init_parking(pool)
 
         layers = []
         for i, (layer_type, window) in enumerate(kinds):
@@ -213,10 +248,20 @@ class KVCompactCache(SpanEditsMixin, compat.Cache):
             raise ValueError(f"policy must be None, a name, or an object with keep_indices(...); got {policy!r}")
         if policy is not None and budget is None:
             raise ValueError("policy needs a budget: pass budget=<max tokens per layer>")
-        if offload is not None:
-            raise ValueError(f"offload must be None for now (the cache does not offload yet), got {offload!r}; "
-                             "Session.park() moves a session's cache to pinned host memory")
+        if offload == "layers":
+            raise ValueError("offload='layers' (every layer on the host, streamed in per forward) is not built yet; "
+                             "use offload='idle' (on the device while used, parked to pinned host memory with "
+                             "cache.park() while idle)")
+        if offload is not None and offload != "idle":
+            raise ValueError(f"offload must be None or 'idle', got {offload!r}")
         return group_size
+
+    @staticmethod
+    def _check_pool(pool):
+        from kvcompact.offload import PinnedPool
+
+        if pool is not None and not isinstance(pool, PinnedPool):
+            raise ValueError(f"pool must be None or a kvcompact.offload.PinnedPool, got {type(pool).__name__}")
 
     # -- eviction --------------------------------------------------------------------------------
 
@@ -258,6 +303,7 @@ class KVCompactCache(SpanEditsMixin, compat.Cache):
         layer compacts in place. The returned K/V still hold this step's pre-eviction tokens, so
         attention sees exactly what ``get_mask_sizes`` announced.
         """
+        self._resident("update")
         layer = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         if isinstance(layer, KVCompactLayer) and layer.wants_eviction(key_states.shape[2]):
@@ -327,7 +373,7 @@ class KVCompactCache(SpanEditsMixin, compat.Cache):
             logical_tokens=self.get_seq_length(),
             physical_tokens=[layer.physical_len if isinstance(layer, KVCompactLayer) else 0 for layer in self.layers],
             device_bytes=sum(layer.storage.nbytes for layer in attention),
-            host_bytes=0,
+            host_bytes=self._host_bytes(),
             dense_bytes=sum(layer.storage.dense_bytes(layer.physical_len) for layer in attention),
             workspace_bytes=ws,
         )
@@ -363,6 +409,7 @@ class KVCompactCache(SpanEditsMixin, compat.Cache):
         m = compat.crop_count(max_length, self.get_seq_length())
         if m == 0:
             return
+        self._resident("crop")
         for layer in self.layers:
             if isinstance(layer, KVCompactLayer):
                 layer.check_crop(m)

@@ -11,6 +11,9 @@ longer occupies one token range):
   tool results and generating, dropping / replacing old messages every few rounds; the rendering
   stays exact and ``device_bytes`` / object counts stay flat.
 
+* park: an int8 ``offload="idle"`` cache parked and resumed every decode step (200 cycles in CI,
+  1,000 with ``--soak-steps``): exact against a never-parked cache, pool and byte counts flat.
+
 ``--soak-steps N`` (or KVCOMPACT_SOAK_STEPS) sets the decode steps of both loops (CI defaults:
 1,000 for the cache, 500 for the session; 10,000 for the long run). Numbers are printed (``-s``) for docs/reliability.md.
 """
@@ -150,3 +153,50 @@ def test_session_soak_drop_replace_fp8(request):
           f"device_bytes={samples[-1][1]} object_growth_beyond_tombstones={growth} raw_object_growth={raw} "
           f"history_entries={len(s._entries)} rss_growth_kib={_rss_kib() - rss0} "
           f"elapsed_s={elapsed:.1f}")
+
+
+
+def test_park_resume_soak_int8(request):
+    """``offload="idle"`` parked and resumed every step: each cycle decodes one token (exact against a
+    never-parked cache), crops it back so the length is stationary, parks and resumes (explicitly on
+    even cycles, by the next forward on odd ones). The pool is allocated once; its used bytes, the
+    cache's device/host bytes and the object count stay flat (200 cycles in CI, 1,000 with
+    --soak-steps / KVCOMPACT_SOAK_STEPS)."""
+    explicit = request.config.getoption("--soak-steps") or int(os.environ.get("KVCOMPACT_SOAK_STEPS", "0"))
+    cycles = 1000 if explicit else 200
+    model = _tiny_llama(256)
+    cache = kvcompact.KVCompactCache(model.config, kv_dtype="int8", residual=4, offload="idle")
+    ref = kvcompact.KVCompactCache(model.config, kv_dtype="int8", residual=4)  # never parked
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 256, (1, 48), generator=gen)
+    samples, rss0, t0 = [], _rss_kib(), time.perf_counter()
+    with torch.inference_mode():
+        for c in (cache, ref):
+            model(input_ids=prompt, use_cache=True, **compat.cache_kwargs(c))
+        device = cache.stats().device_bytes
+        pool = None
+        for cycle in range(cycles):
+            tok = torch.randint(0, 256, (1, 1), generator=gen)
+            out = model(input_ids=tok, use_cache=True, **compat.cache_kwargs(cache)).logits[:, -1]
+            rout = model(input_ids=tok, use_cache=True, **compat.cache_kwargs(ref)).logits[:, -1]
+            assert torch.equal(out, rout), f"cycle {cycle}: logits differ from the never-parked cache"
+            cache.crop(-1)
+            ref.crop(-1)
+            cache.park()
+            pool = pool or cache.pool
+            assert cache.pool is pool, f"cycle {cycle}: a new pool was allocated"
+            parked = cache.stats()
+            assert parked.device_bytes == 0 and parked.host_bytes == pool.capacity_bytes
+            used = pool.used_bytes
+            if cycle % 2 == 0:
+                cache.resume()
+                assert pool.used_bytes == 0 and cache.stats().device_bytes == device
+            if cycle >= 10 and cycle % 10 == 0:
+                samples.append((cycle, (used, parked.host_bytes, cache.stats().device_bytes), _objects()))
+    if cache.parked:
+        cache.resume()
+    assert cache.get_seq_length() == 48 and pool.used_bytes == 0 and pool.num_allocations == 0
+    elapsed = time.perf_counter() - t0
+    growth = _check_flat("park", samples)
+    print(f"\n[soak park] cycles={cycles} pool_capacity={pool.capacity_bytes} parked_used={samples[-1][1][0]} "
+          f"object_growth={growth} rss_growth_kib={_rss_kib() - rss0} elapsed_s={elapsed:.1f}")
