@@ -179,12 +179,12 @@ def test_shared_pool_host_bytes_add_up_to_the_pools_accounting():
     _gen(model, _prompt(), a)
     _gen(model, _prompt(20), b)
     assert a.stats().host_bytes == b.stats().host_bytes == 0
-    a.park()
-    assert a.stats().host_bytes == pool.used_bytes > 0
+    a.park(non_blocking=False)  # the host waits for the copy (the same on CPU, where copies are sync)
+    assert a.stats().host_bytes == pool.used_bytes > 0 and not a.transfer_in_flight
     b.park()
     assert a.stats().host_bytes + b.stats().host_bytes == pool.used_bytes
     assert a.pool is b.pool is pool
-    a.resume()
+    a.resume(non_blocking=False)
     assert a.stats().host_bytes == 0 and b.stats().host_bytes == pool.used_bytes
     b.resume()
     assert pool.used_bytes == 0
@@ -327,3 +327,12 @@ def test_real_model_parked_between_turns_is_exact():
 
     want = run(KVCompactCache(model.config, kv_dtype="int8"), park=False)
     assert torch.equal(run(KVCompactCache(model.config, kv_dtype="int8", offload="idle"), park=True), want)
+
+
+def test_the_parking_docstring_example_runs():
+    import doctest
+
+    from kvcompact.cache import parking
+
+    failed, attempted = doctest.testmod(parking, verbose=False)
+    assert attempted >= 8 and failed == 0

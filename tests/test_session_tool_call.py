@@ -163,3 +163,16 @@ def test_close_of_a_parked_session_returns_the_host_memory(mt):
     assert pool.used_bytes > 0
     s.close()
     assert pool.used_bytes == 0
+
+
+def test_session_park_waits_for_a_resume_copy_still_in_flight(mt):
+    """The cache refuses to park while a copy runs; Session.park waits for it instead."""
+    s = _session(mt)
+    s.park()
+    s.resume()
+    s.cache._transfer = fake = _InFlight(0.05)  # what CUDA leaves after a non-blocking resume
+    with pytest.raises(RuntimeError, match="in flight"):
+        s.cache.park()
+    assert s.park() > 0 and fake.done() and s.parked
+    s.resume()
+    assert _finish(s) == _finish(_session(mt))

@@ -45,6 +45,7 @@ def park(session, pool=None) -> int:
 
     The device buffers are released (device memory returns to the allocator once the copy has
     read them; on CPU the copy is synchronous). Every other method raises until :func:`resume`.
+    A resume copy still in flight (CUDA, after :func:`resume`) is waited for first.
     ``pool``: a :class:`~kvcompact.offload.PinnedPool` to park into this time, e.g. one shared by
     several sessions (default: the cache's ``pool``, or the one it allocates and keeps for its
     parks). If the pool cannot hold the cache, :class:`~kvcompact.offload.PoolExhaustedError`
@@ -52,7 +53,11 @@ def park(session, pool=None) -> int:
     """
     session._require_editable("park")
     session._check_live()
-    settle_resume(session)  # a resume copy still in flight must land before the buffers leave again
+    settle_resume(session)
+    if session.cache.transfer_in_flight:
+        # The cache refuses to park while its last copy runs (the pool still reserves those host
+        # ranges); a session serializes instead: the copy is short and already queued.
+        session.cache.wait_transfer()
     nbytes = session.cache.park(non_blocking=True, pool=pool)
     session._parked = True
     return nbytes

@@ -7,8 +7,8 @@ Example
 >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)  # past_key_values= before transformers 5.24
 >>> s = cache.stats(); s.device_bytes / s.dense_bytes   # 0.5625 for a bf16 model (codes + fp32 scale per 32)
 
-Idle offload (an agent waiting on a tool)
------------------------------------------
+Idle offload (an agent waiting on a tool; a runnable version is in :mod:`kvcompact.cache.parking`)
+---------------------------------------------------------------------------------------------------
 >>> cache = KVCompactCache(model.config, kv_dtype="int8", offload="idle")
 >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)
 >>> nbytes = cache.park()           # every buffer to pinned host memory; device_bytes -> 0

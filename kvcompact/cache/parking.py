@@ -18,6 +18,25 @@ What the construction's ``offload`` decides is what *using* a parked cache does:
 Host memory comes from the ``pool`` given at construction (shared with other caches), else from
 a pool the cache allocates at its first park, sized for its buffers, and reuses for every later
 park (replaced by one of at least twice the capacity when the buffers outgrow it).
+
+Example
+-------
+>>> import torch, transformers
+>>> from kvcompact import KVCompactCache
+>>> from kvcompact.cache import compat
+>>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...                                num_attention_heads=2, num_key_value_heads=1)
+>>> model = transformers.LlamaForCausalLM(cfg).eval()
+>>> cache = KVCompactCache(cfg, kv_dtype="int8", offload="idle")
+>>> out = model.generate(torch.tensor([[1, 5, 9, 3]]), **compat.cache_kwargs(cache), max_new_tokens=4,
+...                      do_sample=False, pad_token_id=0)
+>>> nbytes = cache.park()           # e.g. while an agent waits on a tool
+>>> cache.parked, cache.stats().device_bytes, cache.stats().host_bytes == cache.pool.capacity_bytes
+(True, 0, True)
+>>> out = model.generate(out, **compat.cache_kwargs(cache), max_new_tokens=4, do_sample=False,
+...                      pad_token_id=0)   # the first update resumes the cache
+>>> cache.parked, cache.stats().device_bytes > 0
+(False, True)
 """
 
 from __future__ import annotations
@@ -99,6 +118,8 @@ class ParkingMixin:
             The cache is already parked.
         RuntimeError
             The previous park or resume copy is still in flight (CUDA): call :meth:`wait_transfer`.
+            Its host ranges stay reserved in the pool until it completes, so a pool sized for one
+            copy could not take this one; the caller decides whether to block.
         PoolExhaustedError
             A shared pool cannot hold the buffers; the cache stays on the device, unchanged.
         """
