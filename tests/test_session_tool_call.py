@@ -176,3 +176,11 @@ def test_session_park_waits_for_a_resume_copy_still_in_flight(mt):
     assert s.park() > 0 and fake.done() and s.parked
     s.resume()
     assert _finish(s) == _finish(_session(mt))
+
+
+def test_session_closed_while_its_tool_runs(mt):
+    pool = PinnedPool(1 << 22)
+    s = _session(mt, pool=pool)
+    with s.tool_call("long_tool") as rec:
+        s.close()  # e.g. the agent was cancelled
+    assert rec.resume_wait_seconds == 0.0 and pool.used_bytes == 0 and s.cache is None

@@ -110,7 +110,9 @@ def tool_call(session, name: str):
         record.tool_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         resume(session)
-        if session.cache.transfer_in_flight:
+        if session.cache is None:  # closed while the tool ran: nothing to bring back
+            record.resume_wait_seconds = 0.0
+        elif session.cache.transfer_in_flight:
             session._resume_record = record  # measured at the next forward (settle_resume)
         else:
             record.resume_wait_seconds = time.perf_counter() - t1
