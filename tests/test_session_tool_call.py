@@ -150,7 +150,9 @@ def test_tool_call_misuse(mt):
     s.resume()  # a session that is not parked: left as it is
     assert not s.parked
     model, tok = mt
-    append_only = Session(model, tok, __import__("transformers").DynamicCache())
+    from transformers import DynamicCache
+
+    append_only = Session(model, tok, DynamicCache())
     with pytest.raises(TypeError, match="KVCompactCache"):
         with append_only.tool_call("ls"):
             pass
