@@ -330,3 +330,20 @@ def test_the_parking_docstring_example_runs():
 
     failed, attempted = doctest.testmod(parking, verbose=False)
     assert attempted >= 8 and failed == 0
+
+
+def test_resume_keeps_no_reference_to_the_buffers_it_restored():
+    """Buffers the storage later replaces (growth) must be freed: the cache's record of the last
+    copy must not keep the restored tensors alive (device memory no stats() would show)."""
+    import gc
+    import weakref
+
+    model = _model("llama")
+    cache = KVCompactCache(model.config, kv_dtype="int8", offload="idle")
+    out = _gen(model, _prompt(), cache)
+    cache.park()
+    cache.resume()
+    restored = [weakref.ref(t) for t in cache.storage_tensors()]
+    _gen(model, torch.cat([out, _prompt(100, seed=3)], 1), cache, n=1)  # the buffers are reallocated
+    gc.collect()
+    assert all(r() is None for r in restored)

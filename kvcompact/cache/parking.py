@@ -85,7 +85,9 @@ class ParkingMixin:
     def transfer_in_flight(self) -> bool:
         """True while the last park or resume copy has not completed (never on CPU: copies there
         are synchronous)."""
-        return self._transfer is not None and not self._transfer.done()
+        if self._transfer is not None and self._transfer.done():
+            self._transfer = None
+        return self._transfer is not None
 
     def wait_transfer(self) -> None:
         """Block the host until the last park or resume copy has completed."""
@@ -170,6 +172,9 @@ class ParkingMixin:
         if handle is not None:
             restored = self._parker.resume(handle, device=self._park_device, block_current_stream=True)
             super().replace_storage_tensors(restored.tensors)
+            # Only the copy's completion is kept: holding the tensors would keep buffers the storage
+            # later replaces (growth) alive on the device, unseen by stats().
+            restored.tensors = []
             self._transfer = restored
         self._park_handle = None
         self._is_parked = False
