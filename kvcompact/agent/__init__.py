@@ -8,7 +8,7 @@
 - :mod:`~kvcompact.agent.checkpoint`: atomic, checksummed checkpoint directories.
 - :mod:`~kvcompact.agent.session`: :class:`Session`, messages as editable cache spans (state, feeding,
   generation); its other jobs, one module each: :mod:`~kvcompact.agent.sampling` (token picking),
-  :mod:`~kvcompact.agent.edits` (drop, replace), :mod:`~kvcompact.agent.spawn` (sub-agents),
+  :mod:`~kvcompact.agent.edits` (drop, replace), :mod:`~kvcompact.agent.sync` (sync a full message list), :mod:`~kvcompact.agent.spawn` (sub-agents),
   :mod:`~kvcompact.agent.park` (parking), :mod:`~kvcompact.agent.session_io` (save/load),
   :mod:`~kvcompact.agent.prefix` (:class:`PrefixCache`); :mod:`~kvcompact.agent.entries` holds the
   per-message record they share. The cache edits themselves are the cache's own API
@@ -26,6 +26,7 @@ from kvcompact.agent.compaction import (CompactedMessages, CompactionPlan, Drop,
 from kvcompact.agent.tracker import ContextGrowthWarning, MemoryTracker, StepRecord
 from kvcompact.agent.session import (PrefixCache, PrefixChangedError, Session, SessionError, SpawnRecord,
                                      prefix_sha256)
+from kvcompact.agent.sync import SyncResult
 
 __all__ = ["ROLES", "IdGenerator", "Message", "as_message", "message_ref", "new_message_id",
            "Increment", "RenderState", "TemplateError", "TemplateNotPrefixStable", "TemplateRenderer",
@@ -33,4 +34,5 @@ __all__ = ["ROLES", "IdGenerator", "Message", "as_message", "message_ref", "new_
            "CompactedMessages", "CompactionPlan", "Drop", "Truncation", "apply_plan", "compact_messages",
            "plan_compaction",
            "CheckpointError", "model_identity", "read_checkpoint", "write_checkpoint",
-           "Session", "SessionError", "SpawnRecord", "PrefixCache", "PrefixChangedError", "prefix_sha256"]
+           "Session", "SessionError", "SpawnRecord", "PrefixCache", "PrefixChangedError", "prefix_sha256",
+           "SyncResult"]

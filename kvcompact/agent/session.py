@@ -472,6 +472,18 @@ class Session:
 
         return edits.replace(self, msg_id, text, recompute_tail=recompute_tail)
 
+    def sync(self, messages, *, exact: bool = False):
+        """Reconcile the whole ``messages`` list (OpenAI chat format) with this session, in place.
+
+        Kept messages keep their rows, missing ones are dropped, changed ones replaced, new ones
+        fed (this call prefills); only what cannot be edited in place is re-fed, from the first
+        such place. Returns a :class:`~kvcompact.agent.sync.SyncResult`. See
+        :func:`kvcompact.agent.sync.sync` and docs/sync.md.
+        """
+        from kvcompact.agent import sync
+
+        return sync.sync(self, messages, exact=exact)
+
     # ------------------------------------------------------------------ sub-agents, parking, lifetime
 
     def _new_cache(self):
