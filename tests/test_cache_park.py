@@ -347,3 +347,15 @@ def test_resume_keeps_no_reference_to_the_buffers_it_restored():
     _gen(model, torch.cat([out, _prompt(100, seed=3)], 1), cache, n=1)  # the buffers are reallocated
     gc.collect()
     assert all(r() is None for r in restored)
+
+
+def test_reading_a_parked_layers_tokens_names_resume():
+    model = _model("llama")
+    cache = KVCompactCache(model.config, kv_dtype="int8", offload="idle")
+    _gen(model, _prompt(), cache, n=2)
+    expect = cache.layers[0].keys.clone()
+    cache.park()
+    with pytest.raises(RuntimeError, match=r"parked .*cache\.resume\(\)"):
+        cache.layers[0].keys
+    cache.resume()
+    torch.testing.assert_close(cache.layers[0].keys, expect, rtol=0, atol=0)

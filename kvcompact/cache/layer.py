@@ -367,7 +367,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
         # transformers' Cache calls these only when built with offloading=True, which
         # KVCompactCache never is; refuse loudly rather than half-offload a quantized layer.
         raise RuntimeError("KVCompactLayer does not offload through transformers' Cache(offloading=True); "
-                           "use Session.park() to move a session's cache to pinned host memory")
+                           "use KVCompactCache(..., offload='idle') and cache.park() / cache.resume()")
 
     prefetch = offload
 
@@ -400,6 +400,8 @@ class KVCompactLayer(compat.CacheLayerMixin):
     def _kv(self):
         if not self.is_initialized:
             return None, None
+        if self.storage.released:
+            raise RuntimeError("the cache is parked (its buffers are in host memory): call cache.resume() first")
         return self.storage.view(fresh=True)
 
     def __repr__(self):

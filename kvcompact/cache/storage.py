@@ -319,6 +319,11 @@ class TokenStore:
         for name, t in zip(names, tensors):
             setattr(self, name, t)
 
+    @property
+    def released(self) -> bool:
+        """True while the buffers are 0-element placeholders (a parked cache's layers)."""
+        return self.initialized and self.capacity > 0 and getattr(self, self.buffer_names()[0]).numel() == 0
+
     def valid_rows(self) -> dict[str, torch.Tensor]:
         """Views of the rows that hold tokens: ``[:, :, :length]`` of the token buffers and
         ``[:, :, :shadow_len]`` of the shadows (omitted when empty)."""

@@ -22,8 +22,13 @@ Both report :class:`OffloadStats` (bytes each way, transfers, compute-stream
 stall time). On CPU-only machines every copy is synchronous but goes through
 the same calls, so CI exercises the logic.
 
-Integration with ``KVCompactCache`` (intended; the cache owns these objects)
---------------------------------------------------------------------------
+Integration with ``KVCompactCache``
+-----------------------------------
+``offload="idle"`` is built (``kvcompact/cache/parking.py``): ``cache.park()`` /
+``cache.resume()`` drive a :class:`SessionParker` over the cache's
+``storage_tensors()``, and ``Session.park`` / ``Session.tool_call`` use them.
+``offload="layers"`` is not built yet (the cache refuses it); the plan:
+
 ``offload="layers"``
     At construction (or lazy initialization, once buffer shapes are known) the
     cache allocates each layer's preallocated buffers (keys, values and, when
@@ -41,7 +46,7 @@ Integration with ``KVCompactCache`` (intended; the cache owns these objects)
     ``prefetcher.invalidate(i)``. ``cache.stats()`` adds
     ``prefetcher.stats_dict()`` (device staging bytes, host bytes, bytes moved,
     stall time).
-``offload="idle"``
+``offload="idle"`` (as built)
     ``cache.park()`` calls ``SessionParker.park(all layer tensors)`` and drops
     the device tensors (device memory is freed once the copy has read them);
     ``cache.resume()`` calls ``SessionParker.resume(handle)`` and re-binds the
