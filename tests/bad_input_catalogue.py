@@ -223,6 +223,9 @@ CATALOGUE = [
     ("cache policy without budget", ValueError, "budget", lambda: _cache(policy="streaming")),
     ("cache policy object", ValueError, "policy", lambda: _cache(budget=64, policy=object())),
     ("cache offload", ValueError, "offload", lambda: _cache(offload="layers")),
+    ("cache offload unknown", ValueError, "offload", lambda: _cache(offload="always")),
+    ("cache pool not a pool", ValueError, "pool", lambda: _cache(offload="idle", pool=object())),
+    ("cache resume not parked", ValueError, "park", lambda: _cache(offload="idle").resume()),
     # -- policies
     ("policy unknown name", ValueError, "nonexistent", lambda: _policy("nonexistent")),
     # -- session
