@@ -8,6 +8,11 @@ non_blocking on a GPU) and a Python loop of per-block ``copy_`` (what naive
 offload code does). CPU: host -> host. GPU: pinned -> device, device -> pinned,
 device -> device, and each copy_blocks_ path (auto, batch, loop, kernel).
 
+Park / resume (every device): ``KVCompactCache.park()`` and ``resume()`` of a cache holding
+``--park-tokens`` tokens of ``--park-layers`` Llama-3.1-8B-shaped layers (8 KV heads, head_dim 128,
+bf16 model dtype), lossless and int8, against ONE copy of the same bytes into a pinned pool tensor
+and back (the ceiling): GB/s and the ratio.
+
 Decode (GPU only): time per decode step of a Llama-3.1-8B-shaped random-weight
 decoder (hidden 4096, 32 query heads, 8 KV heads, head_dim 128, MLP 14336;
 ``--layers`` of them) at a given context, with (a) all KV on the device, (b)
@@ -159,6 +164,73 @@ def print_copy_table(rows: list[dict]) -> None:
         print(f"| {r['direction']} | {r['block_kib']} KiB | {r['blocks']} | {r['mapping']} "
               f"| {r['path']} | {r['gbps']:.2f} | {r['ceiling_gbps']:.2f} | {r['ratio']:.2f} "
               f"| {r['one_copy_gbps']:.2f} | {r['one_memcpy_gbps']:.2f} | {pb} |")
+
+
+# --- park / resume -----------------------------------------------------------------
+
+def _filled_cache(device, layers: int, tokens: int, kv_dtype):
+    import transformers
+
+    from kvcompact import KVCompactCache
+
+    cfg = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                                   head_dim=128, num_hidden_layers=layers, vocab_size=64,
+                                   intermediate_size=64)
+    cache = KVCompactCache(cfg, kv_dtype=kv_dtype, offload="idle")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    chunk = 1024
+    for start in range(0, tokens, chunk):
+        q = min(chunk, tokens - start)
+        for i in range(layers):
+            k = torch.randn(1, 8, q, 128, generator=g).to(device, torch.bfloat16)
+            cache.update(k, k, i)
+    return cache
+
+
+def bench_park(device: torch.device, layers: int, tokens: int, reps: int) -> list[dict]:
+    rows = []
+    for kv_dtype in (None, "int8"):
+        cache = _filled_cache(device, layers, tokens, kv_dtype)
+        cache.release_workspace()
+        tensors = cache.storage_tensors()
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        # The ceiling: one copy of the same bytes to a pinned pool tensor and one back.
+        pool = PinnedPool(nbytes + (1 << 20), allow_pageable_fallback=True)
+        flat_dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        flat_host = pool.tensor((nbytes,), torch.uint8)
+        nb = device.type == "cuda"
+        to_host_ms = time_ms(lambda: flat_host.copy_(flat_dev, non_blocking=nb), device, reps)
+        to_dev_ms = time_ms(lambda: flat_dev.copy_(flat_host, non_blocking=nb), device, reps)
+        del flat_dev, flat_host, pool, tensors
+
+        def park():
+            cache.park(non_blocking=False)
+
+        def resume():
+            cache.resume(non_blocking=False)
+
+        park_samples, resume_samples = [], []
+        for _ in range(reps + 1):  # the first cycle sizes the cache's own pool
+            park_samples.append(time_ms(park, device, 1, warmup=0))
+            resume_samples.append(time_ms(resume, device, 1, warmup=0))
+        park_ms = statistics.median(park_samples[1:])
+        resume_ms = statistics.median(resume_samples[1:])
+        for op, ms, ceil_ms in (("park", park_ms, to_host_ms), ("resume", resume_ms, to_dev_ms)):
+            rows.append(dict(kv_dtype=kv_dtype or "bf16", layers=layers, tokens=tokens, op=op, bytes=nbytes,
+                             ms=ms, gbps=gbps(nbytes, ms), ceiling_gbps=gbps(nbytes, ceil_ms),
+                             ratio=ceil_ms / ms))
+        del cache
+    return rows
+
+
+def print_park_table(rows: list[dict]) -> None:
+    print("\n## Park / resume of a whole cache (median; ceiling = ONE copy of the same bytes to/from "
+          "a pinned pool tensor)\n")
+    print("| storage | layers | tokens | op | bytes | ms | GB/s | ceiling GB/s | ratio |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['kv_dtype']} | {r['layers']} | {r['tokens']} | {r['op']} | {r['bytes']:,} | {r['ms']:.2f} "
+              f"| {r['gbps']:.2f} | {r['ceiling_gbps']:.2f} | {r['ratio']:.2f} |")
 
 
 # --- decode ------------------------------------------------------------------------
@@ -335,6 +407,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (CPU rows; on an oversubscribed VM use 1)")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--park-layers", type=int, default=None, help="layers of the parked cache")
+    p.add_argument("--park-tokens", type=int, default=None, help="tokens of the parked cache")
     p.add_argument("--decode-smoke", action="store_true",
                    help="run the decode section on any device with a tiny config (checks the code)")
     args = p.parse_args(argv)
@@ -364,6 +438,11 @@ def main(argv=None) -> int:
     copy_rows = bench_copies(device, total_mib, blocks, reps, per_block_limit=20000)
     print_copy_table(copy_rows)
 
+    park_layers = args.park_layers or (4 if quick or device.type == "cpu" else 32)
+    park_tokens = args.park_tokens or (2048 if quick else (4096 if device.type == "cpu" else 16384))
+    park_rows = bench_park(device, park_layers, park_tokens, reps)
+    print_park_table(park_rows)
+
     decode_rows = []
     if not args.skip_decode and (device.type == "cuda" or args.decode_smoke):
         if args.decode_smoke:
@@ -384,7 +463,7 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump(dict(machine=machine, torch=torch.__version__, threads=torch.get_num_threads(),
                        device=str(device), quick=quick,
-                       build=kvcompact.build_info(), copies=copy_rows, decode=decode_rows), f,
+                       build=kvcompact.build_info(), copies=copy_rows, park=park_rows, decode=decode_rows), f,
                   indent=1)
     print(f"\nJSON: {args.json}")
     return 0
