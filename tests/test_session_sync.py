@@ -317,6 +317,48 @@ def test_failed_forward_during_sync_leaves_the_session_consistent(tiny, monkeypa
     assert s.token_ids == hand.token_ids
 
 
+def test_system_prompt_and_adjacent_messages_are_replaced_in_place(tiny):
+    model, tok = tiny
+    msgs = _tiny_msgs() + [{"role": "tool", "content": "second output\n" * 5, "name": "probe"}]
+    s, hand = Session(model, tok), Session(model, tok)
+    s.sync(msgs)
+    hand.sync(msgs)
+    new = [dict(msgs[0], content="You are a different test.")] + msgs[1:3] + [
+        dict(msgs[3], content="Summarize, please."), dict(msgs[4], content="(elided)")]
+    r = s.sync(new)
+    assert r.paths == ("replaced", "kept", "kept", "replaced", "replaced") and r.tail_from is None
+    for k, m in ((0, new[0]), (3, new[3]), (4, new[4])):
+        hand.replace(hand.messages[k].id, m["content"])
+    assert s.token_ids == hand.token_ids == s.renderer.render_ids(new)
+    assert r.tokens_reused == len(s.token_ids) - r.tokens_fed
+    assert torch.allclose(s.next_token_logits(), hand.next_token_logits(), atol=1e-6, rtol=0)
+
+
+def test_refused_replace_starts_the_exact_tail_there(tiny, monkeypatch):
+    """A replace refused at a non-token boundary (simulated: ChatML always splits at <|im_start|>)."""
+    from kvcompact.agent import edits
+    from kvcompact.agent.entries import SessionError
+
+    model, tok = tiny
+    msgs = _tiny_msgs()
+    s = Session(model, tok)
+    s.sync(msgs)
+    start = s.spans[s.messages[2].id][0]
+
+    def refuse(session, msg_id, text, **kw):
+        raise SessionError("replace: the new text merges with the tokens before it")
+
+    monkeypatch.setattr(edits, "replace", refuse)
+    new = msgs[:2] + [dict(msgs[2], content="(elided)")] + msgs[3:]
+    r = s.sync(new)
+    monkeypatch.undo()
+    assert r.paths == ("kept", "kept", "refed", "refed") and r.tail_from == 2 and "refused" in r.reason
+    assert r.tokens_reused == start and r.tokens_fed == len(s.token_ids) - start
+    ref = fresh(model, tok, new)
+    assert s.token_ids == ref.token_ids
+    assert torch.allclose(s.next_token_logits(), ref.next_token_logits(), atol=1e-5, rtol=0)
+
+
 def test_tail_across_a_gap_drop_recomputes_from_the_start(tiny):
     """A hand-made drop(reposition=False) leaves positions the cache cannot close: the tail starts at 0."""
     model, tok = tiny

@@ -32,7 +32,7 @@ from kvcompact.agent import edits
 from kvcompact.agent.entries import GAP, LIVE, SessionError
 from kvcompact.agent.messages import ROLES, Message
 
-__all__ = ["SyncResult", "sync"]
+__all__ = ["SyncResult", "sync", "align"]
 
 KEPT, REPLACED, FED, REFED = "kept", "replaced", "fed", "refed"
 
@@ -141,15 +141,12 @@ def align(live: Sequence[Message], incoming: Sequence[Message]) -> list:
             continue
         # Pair a changed block position by position: same role and tool fields -> a replacement;
         # anything else is a drop plus a new message (drops first, so new ones can be appended).
-        pairs, drops, news = [], list(range(i1, i2)), list(range(j1, j2))
-        for k in range(min(i2 - i1, j2 - j1)):
-            if a[i1 + k][0] == b[j1 + k][0] and a[i1 + k][2:] == b[j1 + k][2:]:
-                pairs.append((i1 + k, j1 + k))
-        if pairs and [p[0] for p in pairs] == list(range(i1, i1 + len(pairs))):
-            # Only a leading run of pairs keeps the ops monotone; the rest are drops and new ones.
-            ops += [("replace", i, j) for i, j in pairs]
-            drops, news = drops[len(pairs):], news[len(pairs):]
-        ops += [("drop", i, None) for i in drops] + [("new", None, j) for j in news]
+        # Only the leading run of such pairs: the ops must stay monotone in both lists.
+        p = 0
+        while p < min(i2 - i1, j2 - j1) and a[i1 + p][0] == b[j1 + p][0] and a[i1 + p][2:] == b[j1 + p][2:]:
+            p += 1
+        ops += [("replace", i1 + k, j1 + k) for k in range(p)]
+        ops += [("drop", i, None) for i in range(i1 + p, i2)] + [("new", None, j) for j in range(j1 + p, j2)]
     return ops
 
 
