@@ -167,6 +167,8 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
                    help="parameter count (e.g. 70.6B); default: estimated from the config")
     p.add_argument("--reserve", type=_non_negative_float, metavar="GiB",
                    help="memory kept free for activations and workspaces (default: 10%% of --gpu-mem)")
+    p.add_argument("--tp", type=_positive_int, default=1, metavar="N",
+                   help="tensor-parallel ranks: report KV bytes (and, with --gpu-mem, weights) per device")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -206,6 +208,9 @@ def _estimate_report(args: argparse.Namespace) -> dict:
         name = str(cfg.get("_name_or_path") or archs[0] or cfg.get("model_type") or "model")
     dtype = memory.model_dtype(cfg)
     context = args.context or int(cfg.get("max_position_embeddings") or 131072)
+    tp = getattr(args, "tp", 1)
+    num_params_cfg = cfg
+    cfg = memory.shard_config(cfg, tp)  # per device; unchanged for tp=1
     baseline, fmts = _storage_choices(dtype, args.kv_dtype, args.group_size)
 
     report: dict = {
@@ -213,15 +218,18 @@ def _estimate_report(args: argparse.Namespace) -> dict:
         "source": source,
         "model_dtype": dtype,
         "context_tokens": context,
+        "tp": tp,
     }
     layout0 = memory.kv_layout(cfg, baseline.name)
-    report["layout"] = layout0.describe()
+    # Describe the model as it is (heads, attention kind); the figures are per device.
+    report["layout"] = memory.kv_layout(num_params_cfg, baseline.name).describe()
 
     memory_bytes = weights = reserve = available = None
     if args.gpu_mem is not None:
         memory_bytes = int(args.gpu_mem * memory.GiB)
-        num_params = args.num_params or memory.estimate_num_params(cfg)
-        weights = memory.weight_bytes(num_params, args.weights_dtype)
+        num_params = args.num_params or memory.estimate_num_params(num_params_cfg)
+        # Tensor parallelism splits the weights across ranks (evenly, to first order).
+        weights = -(-memory.weight_bytes(num_params, args.weights_dtype) // tp)
         reserve = (memory.default_reserve(memory_bytes) if args.reserve is None
                    else int(args.reserve * memory.GiB))
         available = memory_bytes - weights - reserve
@@ -277,6 +285,9 @@ def _print_estimate(report: dict, out) -> None:
     print(f"{report['model']}  ({report['source']})", file=out)
     print(f"  {lay['layers']} layers ({kinds}); cached per token per layer: {cached}; "
           f"{lay['attention']}; model dtype {report['model_dtype']}", file=out)
+    if report.get("tp", 1) > 1:
+        print(f"  tensor parallel over {report['tp']} devices: every figure below is per device "
+              "(KV heads split across ranks, at least one per rank; MLA latents replicated)", file=out)
     if lay["windows"]:
         print("  windowed layers hold at most "
               + ", ".join(f"{w:,}" for w in lay["windows"]) + " tokens", file=out)
@@ -328,7 +339,8 @@ def _print_estimate(report: dict, out) -> None:
         "Print a model's KV-cache bytes per token (GQA and MLA aware, sliding windows\n"
         "capped), the total at a context length, and, with --gpu-mem, how many tokens\n"
         "fit beside the weights, for each storage choice.\n\n"
-        "example: kvcompact estimate --model Llama-3.1-70B --context 131072 --gpu-mem 80"
+        "example: kvcompact estimate --model Llama-3.1-70B --context 131072 --gpu-mem 80\n"
+        "         kvcompact estimate --model Llama-3.1-70B --context 131072 --tp 8"
     ),
 )
 def estimate(args: argparse.Namespace) -> int:

@@ -88,6 +88,7 @@ __all__ = [
     "BUILTIN_CONFIGS",
     "CachedTensor",
     "ConfigError",
+    "shard_config",
     "KVLayout",
     "LayerCache",
     "StorageFormat",
@@ -554,6 +555,50 @@ class KVLayout:
                 {"role": t.role, "heads": t.heads, "dim": t.dim} for t in (first.tensors if first else ())
             ],
         }
+
+
+def shard_config(config: Any, tp: int) -> dict:
+    """The config one rank of ``tp``-way tensor parallelism sees, for KV arithmetic.
+
+    Tensor parallelism splits attention by heads: each rank holds ``num_attention_heads / tp``
+    query heads and ``num_key_value_heads / tp`` KV heads. With fewer KV heads than ranks each
+    rank holds one (replicated, as transformers' and vLLM's tensor-parallel layers do). MLA's
+    latent is not split by heads: every rank caches all of it. ``head_dim`` is kept.
+
+    Raises :class:`ConfigError` when ``tp`` does not divide the query heads, or neither of
+    KV heads and ``tp`` divides the other.
+
+    Example
+    -------
+    >>> kv_bytes(shard_config(builtin_config("Llama-3.1-70B"), 8), 131072) == 5 * 2**30
+    True
+    """
+    cfg = dict(load_config(config))
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConfigError(f"tp must be an int >= 1, got {tp!r}")
+    if tp == 1:
+        return cfg
+    heads = _need_int(cfg, "num_attention_heads", "n_head", "num_heads")
+    if heads % tp:
+        raise ConfigError(f"tp={tp} does not divide num_attention_heads={heads}")
+    head_dim = _head_dim(cfg)
+    kv = _num_kv_heads(cfg)
+    if kv % tp == 0:
+        kv_per_rank = kv // tp
+    elif tp % kv == 0:
+        kv_per_rank = 1
+    else:
+        raise ConfigError(f"tp={tp} and num_key_value_heads={kv}: neither divides the other")
+    for name in ("num_attention_heads", "n_head", "num_heads"):
+        if name in cfg:
+            cfg[name] = heads // tp
+    for name in ("num_key_value_heads", "num_kv_heads", "n_head_kv"):
+        if name in cfg:
+            cfg[name] = kv_per_rank
+    cfg["num_key_value_heads"] = kv_per_rank
+    cfg["multi_query"] = False
+    cfg["head_dim"] = head_dim
+    return cfg
 
 
 def kv_layout(config: Any, kv_dtype: Any = None, *, group_size: int | None = None,

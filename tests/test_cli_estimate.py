@@ -223,3 +223,48 @@ def test_adding_a_command_is_one_function(capsys, monkeypatch):
     assert rc == 0 and "estimate" in out and "hello" in out
     with pytest.raises(ValueError, match="twice"):
         cli.command("hello", help="again")(hello)
+
+
+# -- tensor parallelism: per-device figures ------------------------------------------------------
+
+
+def test_tp8_llama70b_is_5_gib_per_device_with_fp8_and_int8_beside(capsys):
+    rc, out, err = run_main(capsys, "estimate", "--model", "Llama-3.1-70B", "--context", "131072", "--tp", "8")
+    assert rc == 0, err
+    assert "tensor parallel over 8 devices" in out and "GQA 8:1" in out
+    rows = {" ".join(line.split()[:-6]): line for line in out.splitlines()
+            if line[:1].isalpha() and line.rstrip().endswith("x")}
+    assert "5.00 GiB" in rows["bf16/fp16"] and "40,960" in rows["bf16/fp16"]
+    assert "2.58 GiB" in rows["fp8_e4m3"] and "2.58 GiB" in rows["int8"]  # 128 codes + 4-byte scale per head
+
+
+def test_tp_json_and_planner_split_the_weights(capsys):
+    rc, out, _ = run_main(capsys, "estimate", "--model", "Llama-3.1-70B", "--context", "8192", "--tp", "4",
+                          "--gpu-mem", "80", "--json")
+    assert rc == 0
+    rep = json.loads(out)
+    _, one, _ = run_main(capsys, "estimate", "--model", "Llama-3.1-70B", "--context", "8192", "--gpu-mem", "80",
+                         "--json")
+    single = json.loads(one)
+    assert rep["tp"] == 4
+    assert rep["rows"][0]["bytes_per_token"] * 4 == single["rows"][0]["bytes_per_token"]
+    assert rep["planner"]["weights_bytes"] == -(-single["planner"]["weights_bytes"] // 4)
+
+
+def test_shard_config_rules():
+    llama = memory.builtin_config("Llama-3.1-70B")  # 64 query heads, 8 KV heads
+    assert memory.kv_bytes_per_token(memory.shard_config(llama, 16)) == memory.kv_bytes_per_token(
+        memory.shard_config(llama, 8))  # fewer KV heads than ranks: one per rank (replicated)
+    assert memory.kv_bytes_per_token(memory.shard_config(llama, 1)) == memory.kv_bytes_per_token(llama)
+    deepseek = memory.builtin_config("DeepSeek-V3")  # MLA: the latent is not split by heads
+    assert memory.kv_bytes_per_token(memory.shard_config(deepseek, 8)) == memory.kv_bytes_per_token(deepseek)
+    with pytest.raises(memory.ConfigError, match="tp=3 does not divide num_attention_heads=64"):
+        memory.shard_config(llama, 3)
+    with pytest.raises(memory.ConfigError, match="tp must be an int >= 1"):
+        memory.shard_config(llama, 0)
+
+
+def test_tp_that_does_not_divide_the_heads_exits_2(capsys):
+    rc, _, err = run_main(capsys, "estimate", "--model", "Llama-3.1-70B", "--tp", "3")
+    assert rc == 2
+    assert "tp=3 does not divide num_attention_heads=64" in err
