@@ -6,7 +6,8 @@
 # 1. prints the GPU, driver and torch it runs on;
 # 2. builds the extension in place against that machine's torch, CUDA kernels for
 #    the visible GPU's arch only (KVCOMPACT_DEVICE=cuda, MAX_JOBS=16);
-# 3. runs `pytest tests -q -m "not slow"` (CUDA tests run, CPU tests too);
+# 3. runs `pytest tests -q -m "not slow"` (CUDA tests run, CPU tests too), then
+#    tests/test_tensor_parallel.py over NCCL on two GPUs (SKIP with fewer);
 # 4. runs each GPU benchmark under benchmarks/ that exists (bench_quantize.py,
 #    bench_compact.py, bench_offload.py, bench_cache.py) with --device cuda and
 #    --quick where supported, JSON beside its log;
@@ -139,6 +140,17 @@ run_step "build_info" 60 "$LOGS/build_info.log" "$PY" -c \
 # --- 3. tests ----------------------------------------------------------------------
 run_step "pytest tests -m 'not slow'" 240 "$LOGS/pytest.log" \
   "$PY" -m pytest tests -q -m "not slow" -p no:cacheprovider -ra
+
+# --- 3b. tensor parallel over NCCL --------------------------------------------------------
+# The same test the CPU suite runs over gloo, with its two ranks on two GPUs.
+NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+if (( NGPU >= 2 )); then
+  run_step "tensor parallel (nccl, 2 GPUs)" 180 "$LOGS/tensor_parallel.log" \
+    env KVCOMPACT_TP_BACKEND=nccl "$PY" -m pytest tests/test_tensor_parallel.py -q -p no:cacheprovider -ra
+else
+  STEPS+=("tensor parallel (nccl)"); STATUS+=("SKIP"); SECONDS_TAKEN+=("0")
+  echo "=== tensor parallel (nccl): skipped, ${NGPU} GPU(s) visible and it needs 2 (the gloo/CPU run is in the pytest step)"
+fi
 
 # --- 4. benchmarks ---------------------------------------------------------------------
 for bench in bench_quantize bench_compact bench_offload bench_cache; do

@@ -11,6 +11,12 @@ vocabulary size, the cache format and per-layer lengths, the rendered history (e
 its state -- live, gap, closed -- and the token ids fed for it), pending messages, the generation
 prompt tail and the renderer options.
 
+Under ``torch.distributed`` (initialized, world size > 1, e.g. a tensor-parallel model loaded with
+``tp_plan="auto"``) ``save`` and ``load`` are collectives: every rank calls them with the same path.
+Each rank's cache holds only its own KV heads, so each writes its part (``rank-<r>/``) and the top
+manifest records the world size (see ``write_checkpoint``); a checkpoint loads only at the world
+size it was saved at (``CheckpointError`` otherwise). See docs/distributed.md.
+
 On load the saved history is re-rendered with the given tokenizer: if the template or tokenizer
 produce other tokens than the saved ones, the checkpoint does not describe this tokenizer's
 conversation and :class:`CheckpointError` says so.
@@ -31,6 +37,19 @@ def _message_dict(m: Message) -> dict:
     d = m.to_dict(include_id=True)
     d["metadata"] = m.metadata
     return d
+
+
+def _world() -> tuple[int, int] | None:
+    """``(rank, world_size)`` when ``torch.distributed`` runs with more than one process, else None."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return None
+    try:
+        world = dist.get_world_size()
+    except (ValueError, RuntimeError):  # no default process group: a plain single process
+        return None
+    return (dist.get_rank(), world) if world > 1 else None
 
 
 def save_session(session, path) -> None:
@@ -54,7 +73,7 @@ def save_session(session, path) -> None:
             "prefix_sha256": session._prefix.sha256 if session._prefix is not None else None,
         },
     }
-    write_checkpoint(path, tensors, meta)
+    write_checkpoint(path, tensors, meta, world=_world())
 
 
 def load_session(cls, path, model, tokenizer, **session_kwargs):
@@ -62,7 +81,8 @@ def load_session(cls, path, model, tokenizer, **session_kwargs):
     from kvcompact.cache import KVCompactCache
 
     device = next(model.parameters()).device
-    tensors, meta = read_checkpoint(path, expected_model_identity=model_identity(model), device=device)
+    tensors, meta = read_checkpoint(path, expected_model_identity=model_identity(model), device=device,
+                                   world=_world())
     info = meta.get("session")
     if not isinstance(info, dict) or info.get("format_version") != SESSION_FORMAT:
         raise CheckpointError(f"{path}: not a kvcompact Session checkpoint of format {SESSION_FORMAT}")
