@@ -143,14 +143,18 @@ def test_checkpoint_per_rank_resumes_equal(tp):
         assert meta["session"]["cache"]["layers"][0]["shape"][1] == 1
 
 
-def test_failed_save_on_one_rank_leaves_previous_checkpoint(tp):
+@pytest.mark.parametrize("hook,failing_rank", [("_save_file", WORLD - 1), ("_install", 0)],
+                         ids=["last rank's write fails", "rank 0's install fails"])
+def test_failed_save_on_one_rank_leaves_previous_checkpoint(tp, hook, failing_rank):
     reference, ranks, _, _, _, _ = tp
     for r in ranks:
-        f = r["failed_save"]
-        assert f["raised"] and "No space left" in f["raised"] and (r["rank"] == WORLD - 1 or "rank 1" in f["raised"])
-        assert f["still_first_save"] and f["differs_from_session"]
-        assert f["leftovers"] == []
-    assert reference["failed_save"]["still_first_save"]
+        assert r["failed_save"]["differs_from_session"]  # a save that went through would be seen
+        f = r["failed_save"][hook]
+        assert f["raised"] and "No space left" in f["raised"], f
+        if r["rank"] != failing_rank:  # told which rank failed
+            assert f"rank {failing_rank}" in f["raised"], f
+        assert f["still_first_save"] and f["leftovers"] == [], f
+    assert reference["failed_save"][hook]["still_first_save"]
 
 
 def test_checkpoint_refused_at_other_world_size(tp):

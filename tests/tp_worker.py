@@ -63,7 +63,8 @@ def _conversation(model, tokenizer):
 
 
 def _failed_save(session, model, tokenizer, checkpoint_dir) -> dict:
-    """Make the last rank's tensor write fail during a second save: every rank must raise, and the
+    """Two saves that fail: the last rank's tensor write (a full disk), then rank 0's install of the
+    staged directory. Every rank must raise each time, no staging directory may remain, and the
     checkpoint at ``checkpoint_dir`` must still be the first save (what ``Session.load`` returns)."""
     from kvcompact.agent import Session
     from kvcompact.agent import checkpoint as ckpt
@@ -71,24 +72,27 @@ def _failed_save(session, model, tokenizer, checkpoint_dir) -> dict:
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     before = list(Session.load(checkpoint_dir, model, tokenizer).token_ids)
-    real = ckpt._save_file
+    parent = Path(checkpoint_dir).parent
+    report = {"differs_from_session": before != list(session.token_ids)}
 
-    def full_disk(tensors, path):
+    def full_disk(*args):
         raise OSError(28, "No space left on device (injected)")
 
-    if rank == world - 1:
-        ckpt._save_file = full_disk
-    try:
-        session.save(checkpoint_dir)
-        raised = None
-    except OSError as err:
-        raised = str(err)
-    finally:
-        ckpt._save_file = real
-    parent = Path(checkpoint_dir).parent
-    return {"raised": raised, "still_first_save": list(Session.load(checkpoint_dir, model, tokenizer).token_ids)
-            == before, "differs_from_session": before != list(session.token_ids),
+    for hook, failing_rank in (("_save_file", world - 1), ("_install", 0)):
+        real = getattr(ckpt, hook)
+        if rank == failing_rank:
+            setattr(ckpt, hook, full_disk)
+        try:
+            session.save(checkpoint_dir)
+            raised = None
+        except OSError as err:
+            raised = str(err)
+        finally:
+            setattr(ckpt, hook, real)
+        report[hook] = {"raised": raised, "still_first_save": list(
+            Session.load(checkpoint_dir, model, tokenizer).token_ids) == before,
             "leftovers": sorted(p.name for p in parent.iterdir() if p.name.startswith("."))}
+    return report
 
 
 def run_configs(model, tokenizer, checkpoint_dir=None) -> dict:
