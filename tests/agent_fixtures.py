@@ -93,3 +93,28 @@ def smollm2_model():
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
     return model, smollm2_tokenizer()
+
+
+class FedCounter:
+    """Counts tokens entering the model (a forward pre-hook on the input embedding)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self._h = model.get_input_embeddings().register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.count += args[0].numel()
+
+    def close(self):
+        self._h.remove()
+
+
+def tiny_llama(vocab: int):
+    """A seeded 2-layer random Llama (hidden 64, GQA 4:2) over ``vocab`` tokens, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).eval()

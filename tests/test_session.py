@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent_fixtures import smollm2_model
+from agent_fixtures import FedCounter, smollm2_model
 from kvcompact.agent import CheckpointError, PrefixCache, PrefixChangedError, Session, SessionError
 from kvcompact.cache import KVCompactCache
 
@@ -19,20 +19,6 @@ SYSTEM = "You are a careful coding agent. Answer briefly."
 @pytest.fixture(scope="module")
 def mt():
     return smollm2_model()
-
-
-class FedCounter:
-    """Counts tokens entering the model (a forward pre-hook on the input embedding)."""
-
-    def __init__(self, model):
-        self.count = 0
-        self._h = model.get_input_embeddings().register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.count += args[0].numel()
-
-    def close(self):
-        self._h.remove()
 
 
 def tool_text(tokenizer, n_tokens):

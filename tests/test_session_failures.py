@@ -13,26 +13,17 @@ import pytest
 import torch
 
 import kvcompact
-from agent_fixtures import smollm2_tokenizer
+from agent_fixtures import smollm2_tokenizer, tiny_llama
 from kvcompact.agent import Session, SessionError
 
 BAD_TEXT = "see xylophone"  # SmolLM2 encodes " xyl" as 45749, past SMALL_VOCAB
 SMALL_VOCAB = 45_000
 
 
-def _llama(vocab):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def mt():
     tok = smollm2_tokenizer()
-    return _llama(len(tok)), tok
+    return tiny_llama(len(tok)), tok
 
 
 class Boom(RuntimeError):
@@ -125,7 +116,7 @@ def test_failed_replace_between_layers_rolls_back(mt, monkeypatch):
 def test_replace_with_a_token_id_past_the_vocabulary(monkeypatch):
     """A text whose tokens the model does not have: the embedding's IndexError comes out unmasked."""
     tok = smollm2_tokenizer()
-    model = _llama(SMALL_VOCAB)
+    model = tiny_llama(SMALL_VOCAB)
     assert max(tok(BAD_TEXT, add_special_tokens=False)["input_ids"]) >= SMALL_VOCAB
     s, tool = _session(model, tok)
     assert max(s.token_ids) < SMALL_VOCAB

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvcompact
-from agent_fixtures import smollm2_model, smollm2_tokenizer
+from agent_fixtures import FedCounter, smollm2_model, smollm2_tokenizer, tiny_llama
 from kvcompact.agent import Session, SyncResult
 
 pytestmark = pytest.mark.slow
@@ -23,20 +23,6 @@ SYSTEM = "You are a careful coding agent. Answer briefly."
 @pytest.fixture(scope="module")
 def mt():
     return smollm2_model()
-
-
-class FedCounter:
-    """Counts tokens entering the model (a forward pre-hook on the input embedding)."""
-
-    def __init__(self, model):
-        self.count = 0
-        self._h = model.get_input_embeddings().register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.count += args[0].numel()
-
-    def close(self):
-        self._h.remove()
 
 
 def counted(model, fn):
@@ -236,7 +222,7 @@ def test_sync_is_deterministic(mt):
 ])
 def test_bad_input_names_the_index_and_field(bad, pattern, exc):
     tok = smollm2_tokenizer()
-    s = Session(_llama(len(tok)), tok)
+    s = Session(tiny_llama(len(tok)), tok)
     with pytest.raises(exc, match=pattern):
         s.sync(bad)
     assert s.messages == [] and s.token_ids == []
@@ -245,19 +231,10 @@ def test_bad_input_names_the_index_and_field(bad, pattern, exc):
 # ---------------------------------------------------------------------- tiny model: faults, gaps
 
 
-def _llama(vocab):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     tok = smollm2_tokenizer()
-    return _llama(len(tok)), tok
+    return tiny_llama(len(tok)), tok
 
 
 class Boom(RuntimeError):
