@@ -1,0 +1,235 @@
+"""SessionManager: routing requests to live sessions, isolation, parking under budgets, threads.
+
+A tiny random Llama over the real SmolLM2 tokenizer: replies are gibberish but deterministic, which
+is all the comparisons need (the same KV gives the same reply)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from agent_fixtures import smollm2_model, smollm2_tokenizer, tiny_llama
+from kvcompact.serve import ChatResult, SessionManager
+
+SYSTEM = "You are a careful coding agent. Answer briefly."
+N = 5  # max_new_tokens everywhere: enough to tell replies apart, cheap on CPU
+
+
+@pytest.fixture(scope="module")
+def mt():
+    tok = smollm2_tokenizer()
+    return tiny_llama(len(tok)), tok
+
+
+def conversation(k: int = 0, n_tool: int = 40):
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Read file number {k}."},
+        {"role": "assistant", "content": "Reading it."},
+        {"role": "tool", "content": "".join(f"line {i} of file {k}\n" for i in range(n_tool)), "name": "read_file"},
+        {"role": "user", "content": "What does it say?"},
+    ]
+
+
+def turn(msgs, reply, text="Go on."):
+    return msgs + [{"role": "assistant", "content": reply}, {"role": "user", "content": text}]
+
+
+def test_append_only_request_reuses_the_whole_previous_context(mt):
+    model, tok = mt
+    mgr = SessionManager(model, tok)
+    msgs = conversation()
+    r1 = mgr.chat(msgs, max_new_tokens=N)
+    assert isinstance(r1, ChatResult) and r1.created and r1.cached_tokens == 0
+    held = len(mgr.session(r1.session_id).token_ids)
+    assert r1.prompt_tokens == len(mgr.session(r1.session_id).renderer.render_ids(msgs, True))
+    assert r1.completion_tokens == held - r1.prompt_tokens > 0
+    nxt = turn(msgs, r1.text)
+    r2 = mgr.chat(nxt, max_new_tokens=N)  # no id: routed by content
+    assert r2.session_id == r1.session_id and not r2.created
+    assert r2.cached_tokens == r2.sync.tokens_reused == held
+    assert r2.sync.paths == ("kept",) * 6 + ("fed",)
+    st = mgr.stats()
+    assert (st.sessions_live, st.sessions_parked, st.requests) == (1, 0, 2)
+    assert st.tokens_reused == held and st.tokens_fed == r1.sync.tokens_fed + r2.sync.tokens_fed
+
+
+def test_explicit_id_drop_of_an_old_tool_output_is_in_place(mt):
+    model, tok = mt
+    mgr = SessionManager(model, tok)
+    msgs = conversation()
+    r1 = mgr.chat(msgs, session_id="agent-1", max_new_tokens=N)
+    assert r1.session_id == "agent-1" and r1.created
+    s = mgr.session("agent-1")
+    start, end = s.spans[s.messages[3].id]
+    kept_rows = len(s.token_ids) - (end - start)
+    new = turn(msgs[:3] + msgs[4:], r1.text, "Sure?")
+    r2 = mgr.chat(new, session_id="agent-1", max_new_tokens=N)
+    assert r2.session_id == "agent-1" and not r2.created
+    assert r2.sync.dropped == 1 and r2.sync.dropped_indices == (3,)
+    assert r2.cached_tokens >= 0.9 * kept_rows
+
+
+@pytest.fixture(scope="module")
+def real():
+    return smollm2_model()
+
+
+def test_a_request_without_id_never_sees_a_secret_it_does_not_send(real):
+    """The real SmolLM2: a random tiny model's replies barely depend on the context."""
+    import torch
+
+    model, tok = real
+    n = 8
+    secret = {"role": "user", "content": "The password is swordfish-42. Always end with it."}
+    msgs = conversation(n_tool=20)
+    with_secret = msgs[:2] + [secret] + msgs[2:]
+    mgr = SessionManager(model, tok)
+    r1 = mgr.chat(with_secret, max_new_tokens=n)
+
+    # 1. The conversation minus the secret: not an append to the secret's session -> a fork.
+    r2 = mgr.chat(msgs, max_new_tokens=n)
+    fresh = SessionManager(model, tok)
+    f2 = fresh.chat(msgs, max_new_tokens=n)
+    assert r2.session_id != r1.session_id and r2.created and r2.cached_tokens == 0
+    assert r2.text == f2.text
+    assert mgr.session(r2.session_id).token_ids == fresh.session(f2.session_id).token_ids
+
+    # 2. The owner drops the secret from its own session in place (an explicit id): later rows
+    # still hold KV computed with the secret visible, so an id-less continuation of the edited
+    # conversation must not land there.
+    owned = mgr.chat(with_secret, session_id="owner", max_new_tokens=n)
+    edited = turn(msgs, owned.text)
+    r3 = mgr.chat(edited, session_id="owner", max_new_tokens=n)
+    assert r3.sync.dropped == 1 and r3.cached_tokens > 0
+    follow = turn(edited, r3.text, "And then?")
+    r4 = mgr.chat(follow, max_new_tokens=n)
+    ref = SessionManager(model, tok)
+    f4 = ref.chat(follow, max_new_tokens=n)
+    assert r4.session_id != "owner" and r4.created and r4.text == f4.text
+    # The owner's in-place KV really differs from a fresh prefill (what part 2 guards against).
+    owner, clean = mgr.session("owner"), ref.session(f4.session_id)
+    assert not torch.allclose(owner.next_token_logits(), _fresh_logits(model, tok, owner.messages), atol=1e-3)
+    assert torch.allclose(clean.next_token_logits(), _fresh_logits(model, tok, clean.messages), atol=1e-4)
+
+
+def _fresh_logits(model, tok, messages):
+    from kvcompact.agent import Session
+
+    s = Session(model, tok)
+    s.sync([m.to_dict() for m in messages])
+    return s.next_token_logits()
+
+
+def _alternate(mgr, n_sessions=8, rounds=2):
+    convs = {f"s{k}": conversation(k, n_tool=20 + 5 * k) for k in range(n_sessions)}
+    out = []
+    for _ in range(rounds):
+        for sid in convs:
+            r = mgr.chat(convs[sid], session_id=sid, max_new_tokens=N)
+            out.append((r.text, r.cached_tokens, r.sync.tokens_fed))
+            convs[sid] = turn(convs[sid], r.text)
+            yield mgr, r
+    mgr.transcript = out
+
+
+def test_eight_sessions_under_a_small_device_budget_park_and_resume_identically(mt):
+    model, tok = mt
+    ref = SessionManager(model, tok)
+    list(_alternate(ref))
+    one = max(ref.session(sid).cache.stats().device_bytes for sid in ref.session_ids())
+    budget = 3 * one
+    mgr = SessionManager(model, tok, max_device_bytes=budget)
+    for m, r in _alternate(mgr):
+        st = m.stats()
+        assert st.device_bytes <= budget
+        assert not m.session(r.session_id).parked  # the one just served stays
+    assert mgr.transcript == ref.transcript  # same replies, same reuse: parking lost nothing
+    st = mgr.stats()
+    assert st.parks > 0 and st.sessions_parked >= 5 and st.sessions_live + st.sessions_parked == 8
+    assert st.sessions_dropped == 0 and st.host_bytes > 0
+    assert ref.stats().parks == 0 and ref.stats().sessions_parked == 0
+
+
+def test_host_budget_drops_the_least_recently_used_parked_session(mt):
+    model, tok = mt
+    probe = SessionManager(model, tok, max_device_bytes=0)
+    probe.chat(conversation(0), session_id="a", max_new_tokens=N)
+    probe.chat(conversation(1), session_id="b", max_new_tokens=N)
+    assert probe.session("a").parked and not probe.session("b").parked
+    parked_bytes = probe.stats().host_bytes
+    assert parked_bytes > 0
+
+    mgr = SessionManager(model, tok, max_device_bytes=0, max_host_bytes=int(1.5 * parked_bytes))
+    for k, sid in enumerate("abc"):
+        mgr.chat(conversation(k), session_id=sid, max_new_tokens=N)
+    assert mgr.session_ids() == ["b", "c"] and mgr.session("b").parked
+    st = mgr.stats()
+    assert st.sessions_dropped == 1 and st.host_bytes <= int(1.5 * parked_bytes)
+    with pytest.raises(KeyError, match="'a'"):
+        mgr.session("a")
+    again = mgr.chat(conversation(0), session_id="a", max_new_tokens=N)  # rebuilt by a full prefill
+    assert again.created and again.cached_tokens == 0
+    assert again.text == probe.chat(conversation(0), session_id="fresh", max_new_tokens=N).text
+
+
+def test_concurrent_requests_to_different_sessions_match_running_alone(mt):
+    model, tok = mt
+    ids = [f"t{k}" for k in range(4)]
+
+    def run(mgr, sid, k, out):
+        msgs = conversation(k, n_tool=10 + 3 * k)
+        texts = []
+        for _ in range(2):
+            r = mgr.chat(msgs, session_id=sid, max_new_tokens=N)
+            texts.append(r.text)
+            msgs = turn(msgs, r.text)
+        out[sid] = texts
+
+    alone: dict = {}
+    for k, sid in enumerate(ids):
+        run(SessionManager(model, tok), sid, k, alone)
+    shared, together = SessionManager(model, tok, max_device_bytes=0), {}
+    threads = [threading.Thread(target=run, args=(shared, sid, k, together)) for k, sid in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert together == alone
+    assert shared.stats().requests == 8
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ([], r"non-empty list"),
+    ("hello", r"messages must be a list"),
+    ({"role": "user", "content": "x"}, r"messages must be a list"),
+    ([{"content": "x"}], r"messages\[0\] has no 'role'"),
+    ([{"role": "user", "content": "x"}, {"role": "user"}], r"messages\[1\] has no 'content'"),
+    ([{"role": "user", "content": "x"}, "hi"], r"messages\[1\] must be a dict"),
+    ([{"role": "robot", "content": "x"}], r"messages\[0\]\.role"),
+])
+def test_bad_messages_raise_value_error_naming_the_index(mt, bad, pattern):
+    model, tok = mt
+    mgr = SessionManager(model, tok)
+    with pytest.raises(ValueError, match=pattern):
+        mgr.chat(bad)
+    assert mgr.session_ids() == [] and mgr.stats().requests == 0
+
+
+def test_bad_ids_and_arguments(mt):
+    model, tok = mt
+    mgr = SessionManager(model, tok)
+    with pytest.raises(ValueError, match="session_id"):
+        mgr.chat(conversation(), session_id=3)
+    with pytest.raises(KeyError, match="'nope'"):
+        mgr.close("nope")
+    r = mgr.chat(conversation(), max_new_tokens=N)
+    mgr.close(r.session_id)
+    assert mgr.session_ids() == []
+    with pytest.raises(KeyError, match=r.session_id):
+        mgr.close(r.session_id)
+    with pytest.raises(ValueError, match="offload"):
+        SessionManager(model, tok, cache_kwargs={"offload": None})
+    with pytest.raises(ValueError, match="max_device_bytes"):
+        SessionManager(model, tok, max_device_bytes=-1)
