@@ -233,3 +233,19 @@ def test_bad_ids_and_arguments(mt):
         SessionManager(model, tok, cache_kwargs={"offload": None})
     with pytest.raises(ValueError, match="max_device_bytes"):
         SessionManager(model, tok, max_device_bytes=-1)
+
+
+def test_a_failed_request_leaves_no_half_built_session_and_a_retry_works(mt, monkeypatch):
+    model, tok = mt
+    mgr = SessionManager(model, tok)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated OOM")
+
+    monkeypatch.setattr(model, "forward", boom)
+    with pytest.raises(RuntimeError, match="simulated OOM"):
+        mgr.chat(conversation(), session_id="x", max_new_tokens=N)
+    monkeypatch.undo()
+    assert mgr.session_ids() == [] and mgr.stats().sessions_dropped == 0
+    r = mgr.chat(conversation(), session_id="x", max_new_tokens=N)
+    assert r.created and r.text == SessionManager(model, tok).chat(conversation(), max_new_tokens=N).text

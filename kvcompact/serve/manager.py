@@ -199,8 +199,10 @@ class SessionManager:
                 text = session.generate(max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                                         generator=gen)
             except BaseException:
-                if created:  # nothing of it is worth keeping; a half-fed new session only costs memory
-                    self._forget(sid)
+                # A half-fed new session is not worth keeping; a broken one (its cache no longer
+                # matches its tokens, see Session's *Failures*) can only raise from now on.
+                if created or session._broken is not None:
+                    self._forget(sid, dropped=False)
                 raise
             completion = max(0, len(session.token_ids) - prompt)
             self._slots.move_to_end(sid)
@@ -291,10 +293,9 @@ class SessionManager:
                 if victim is None:
                     return
 
-    def _forget(self, sid: str) -> None:
-        slot = self._slots.pop(sid)
-        slot.session.close()
-        self._dropped += 1
+    def _forget(self, sid: str, *, dropped: bool = True) -> None:
+        self._slots.pop(sid).session.close()
+        self._dropped += dropped
 
     # ------------------------------------------------------------------ management
 
