@@ -88,12 +88,15 @@ def test_a_request_without_id_never_sees_a_secret_it_does_not_send(real):
     mgr = SessionManager(model, tok)
     r1 = mgr.chat(with_secret, max_new_tokens=n)
 
-    # 1. The conversation minus the secret: not an append to the secret's session -> a fork.
+    # 1. The conversation minus the secret: not an append to the secret's session -> a fork, seeded
+    # only with the rows before the secret (system + first user message).
     r2 = mgr.chat(msgs, max_new_tokens=n)
     fresh = SessionManager(model, tok)
     f2 = fresh.chat(msgs, max_new_tokens=n)
-    assert r2.session_id != r1.session_id and r2.created and r2.cached_tokens == 0
-    assert r2.text == f2.text
+    assert r2.session_id != r1.session_id and r2.created
+    assert r2.cached_tokens == len(mgr.session(r2.session_id).renderer.render_ids(msgs[:2])) > 0
+    assert r2.sync.paths == ("kept", "kept", "fed", "fed", "fed")
+    assert r2.text == f2.text != r1.text  # the secret changes the reply: the check has teeth
     assert mgr.session(r2.session_id).token_ids == fresh.session(f2.session_id).token_ids
 
     # 2. The owner drops the secret from its own session in place (an explicit id): later rows
@@ -249,3 +252,37 @@ def test_a_failed_request_leaves_no_half_built_session_and_a_retry_works(mt, mon
     assert mgr.session_ids() == [] and mgr.stats().sessions_dropped == 0
     r = mgr.chat(conversation(), session_id="x", max_new_tokens=N)
     assert r.created and r.text == SessionManager(model, tok).chat(conversation(), max_new_tokens=N).text
+
+
+@pytest.mark.parametrize("cache_kwargs", [None, {"kv_dtype": "int8"}], ids=["lossless", "int8"])
+def test_a_fork_is_seeded_with_the_common_prefix_and_equals_a_fresh_session(mt, cache_kwargs):
+    from kvcompact.agent import Session
+    import torch
+
+    model, tok = mt
+    mgr = SessionManager(model, tok, cache_kwargs=cache_kwargs)
+    a = mgr.chat(conversation(0), max_new_tokens=N)
+    b = mgr.chat(conversation(1), max_new_tokens=N)  # shares only the system message with a
+    assert b.session_id != a.session_id and b.created
+    s = mgr.session(b.session_id)
+    assert b.cached_tokens == len(s.renderer.render_ids(conversation(1)[:1])) > 0
+    ref = SessionManager(model, tok, cache_kwargs=cache_kwargs)
+    f = ref.chat(conversation(1), max_new_tokens=N)
+    assert b.text == f.text and s.token_ids == ref.session(f.session_id).token_ids
+    atol = 1e-5 if cache_kwargs is None else 5e-2
+    assert torch.allclose(s.next_token_logits(), ref.session(f.session_id).next_token_logits(), atol=atol)
+
+
+def test_a_parked_session_does_not_seed_a_fork(mt):
+    model, tok = mt
+    mgr = SessionManager(model, tok, max_device_bytes=0)
+    mgr.chat(conversation(0), session_id="a", max_new_tokens=N)
+    mgr.chat(conversation(1), session_id="b", max_new_tokens=N)  # parks a
+    assert mgr.session("a").parked
+    mgr.chat(conversation(2), session_id="c", max_new_tokens=N)  # parks b
+    # a (parked) shares two messages with the request, c (just served, on the device) only one.
+    msgs = conversation(0)[:2] + [{"role": "assistant", "content": "Which part?"}]
+    r = mgr.chat(msgs, max_new_tokens=N)
+    assert r.created and r.cached_tokens == len(mgr.session(r.session_id).renderer.render_ids(msgs[:1]))
+    assert mgr.session("a").parked and mgr.session("b").parked
+    assert r.text == SessionManager(model, tok).chat(msgs, max_new_tokens=N).text

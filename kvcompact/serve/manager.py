@@ -13,8 +13,9 @@ Routing
   its messages are an exact prefix of the request's messages (append-only) and its KV is *clean*:
   no in-place drop or replace was ever applied to it (after such an edit, later rows hold KV
   computed while the removed text was visible). Of the candidates, the one whose token ids share
-  the longest prefix with the request's render wins. Otherwise a new session starts with a fresh
-  prefill (a fork). So a request without an id never edits another conversation in place and
+  the longest prefix with the request's render wins. Otherwise a new session starts (a fork),
+  seeded with a copy of the KV of the longest exact common message prefix of a clean, unparked
+  session (those rows never saw what follows them), else prefilled fresh. So a request without an id never edits another conversation in place and
   never reads KV that saw text the request does not contain.
 
 Memory
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompact.agent import Session, SyncResult
-from kvcompact.agent.messages import Message
+from kvcompact.agent.entries import LIVE
 from kvcompact.agent.prefix import common_prefix
 from kvcompact.agent.sync import _incoming, _key
 from kvcompact.agent.template import TemplateRenderer
@@ -246,8 +247,41 @@ class SessionManager:
         if best is not None:
             return best, False
         sid = f"sess-{uuid.uuid4().hex}"
-        self._slots[sid] = _Slot(self._new_session())
+        self._slots[sid] = _Slot(self._fork(keys))
         return sid, True
+
+    def _fork(self, keys: list) -> Session:
+        """A new session for a request no session can continue, seeded with a copy of the KV of the
+        longest exact common message prefix of a clean, unparked session (causal attention: those
+        rows never saw what follows them), else empty (a fresh prefill)."""
+        from kvcompact.agent.entries import SessionError
+
+        src, k = None, 0
+        for slot in self._slots.values():
+            s = slot.session
+            if not slot.clean or s.parked or s._pending or any(e.state != LIVE for e in s._entries):
+                continue
+            have = s.messages
+            n = 0
+            while n < min(len(have), len(keys)) and _key(have[n]) == keys[n]:
+                n += 1
+            if n > k:
+                src, k = s, n
+        session = self._new_session()
+        if src is None:
+            return session
+        prefix = [e.copy() for e in src._entries[:k]]
+        rows = sum(len(e.ids) for e in prefix)
+        try:
+            session.cache.import_state(*src.cache.export_state())
+            session.cache.crop(rows - len(src.token_ids))  # -n: the newest n rows go; 0: none
+        except (ValueError, RuntimeError, SessionError):
+            # A cache that cannot be copied or cut there (e.g. a format that refuses the crop):
+            # the fresh prefill is always correct.
+            session.close()
+            return self._new_session()
+        session._adopt(session.cache, prefix)
+        return session
 
     def _new_session(self) -> Session:
         from kvcompact.cache import KVCompactCache
