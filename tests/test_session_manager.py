@@ -76,6 +76,7 @@ def real():
     return smollm2_model()
 
 
+@pytest.mark.slow
 def test_a_request_without_id_never_sees_a_secret_it_does_not_send(real):
     """The real SmolLM2: a random tiny model's replies barely depend on the context."""
     import torch
