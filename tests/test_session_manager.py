@@ -287,3 +287,35 @@ def test_a_parked_session_does_not_seed_a_fork(mt):
     assert r.created and r.cached_tokens == len(mgr.session(r.session_id).renderer.render_ids(msgs[:1]))
     assert mgr.session("a").parked and mgr.session("b").parked
     assert r.text == SessionManager(model, tok).chat(msgs, max_new_tokens=N).text
+
+
+def test_seeded_sampling_is_reproducible_and_an_id_after_a_failed_edit_stays_private(mt, monkeypatch):
+    model, tok = mt
+    kw = dict(max_new_tokens=N, do_sample=True, temperature=1.0, top_p=0.9, seed=7)
+    a = SessionManager(model, tok).chat(conversation(), **kw)
+    b = SessionManager(model, tok).chat(conversation(), **kw)
+    assert a.text == b.text
+
+    # An explicit-id edit whose forward fails: the session may hold in-place edits now, so an
+    # id-less continuation must not be routed to it.
+    mgr = SessionManager(model, tok)
+    msgs = conversation()
+    r = mgr.chat(msgs, session_id="own", max_new_tokens=N)
+    real = model.forward
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated OOM")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", fail_once)
+    edited = turn(msgs[:3] + msgs[4:], r.text)
+    with pytest.raises(RuntimeError, match="simulated OOM"):
+        mgr.chat(edited, session_id="own", max_new_tokens=N)
+    monkeypatch.undo()
+    assert "own" in mgr.session_ids()
+    cont = turn([m.to_dict() for m in mgr.session("own").messages], "x", "y")
+    nxt = mgr.chat(cont, max_new_tokens=N)
+    assert nxt.session_id != "own" and nxt.created

@@ -204,6 +204,8 @@ class SessionManager:
                 # matches its tokens, see Session's *Failures*) can only raise from now on.
                 if created or session._broken is not None:
                     self._forget(sid, dropped=False)
+                else:
+                    slot.clean = False  # a sync that raised may have edited in place before it
                 raise
             completion = max(0, len(session.token_ids) - prompt)
             self._slots.move_to_end(sid)
