@@ -319,3 +319,17 @@ def test_seeded_sampling_is_reproducible_and_an_id_after_a_failed_edit_stays_pri
     cont = turn([m.to_dict() for m in mgr.session("own").messages], "x", "y")
     nxt = mgr.chat(cont, max_new_tokens=N)
     assert nxt.session_id != "own" and nxt.created
+
+
+def test_a_park_the_shared_pool_cannot_hold_drops_instead_of_failing(mt):
+    from kvcompact.offload import PinnedPool
+
+    model, tok = mt
+    pool = PinnedPool(4096)  # far less than one session's KV
+    mgr = SessionManager(model, tok, max_device_bytes=0, pool=pool)
+    mgr.chat(conversation(0), session_id="a", max_new_tokens=N)
+    r = mgr.chat(conversation(1), session_id="b", max_new_tokens=N)  # parking a cannot fit: a goes
+    assert mgr.session_ids() == ["b"] and not mgr.session("b").parked
+    st = mgr.stats()
+    assert (st.sessions_dropped, st.parks, st.host_bytes, pool.used_bytes) == (1, 0, 0, 0)
+    assert r.text == SessionManager(model, tok).chat(conversation(1), max_new_tokens=N).text
