@@ -226,6 +226,9 @@ def test_bad_ids_and_arguments(mt):
     mgr = SessionManager(model, tok)
     with pytest.raises(ValueError, match="session_id"):
         mgr.chat(conversation(), session_id=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        mgr.chat(conversation(), max_new_tokens=0)
+    assert mgr.session_ids() == []
     with pytest.raises(KeyError, match="'nope'"):
         mgr.close("nope")
     r = mgr.chat(conversation(), max_new_tokens=N)

@@ -179,11 +179,14 @@ class SessionManager:
         ------
         ValueError
             ``messages`` is not a non-empty list of dicts with ``role``/``content`` (the message
-            names the index and field), or ``session_id`` is not a non-empty str.
+            names the index and field), ``session_id`` is not a non-empty str, or
+            ``max_new_tokens`` is not an int >= 1. Nothing is routed or created then.
         """
         incoming = self._validate(messages)
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError(f"chat: session_id must be None or a non-empty str, got {session_id!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"chat: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         with self._lock:
             sid, created = self._route(incoming, session_id)
             slot = self._slots[sid]
