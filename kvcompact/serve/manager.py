@@ -15,8 +15,9 @@ Routing
   computed while the removed text was visible). Of the candidates, the one whose token ids share
   the longest prefix with the request's render wins. Otherwise a new session starts (a fork),
   seeded with a copy of the KV of the longest exact common message prefix of a clean, unparked
-  session (those rows never saw what follows them), else prefilled fresh. So a request without an id never edits another conversation in place and
-  never reads KV that saw text the request does not contain.
+  session (those rows never saw what follows them), else prefilled fresh. So a request without an
+  id never edits another conversation in place and never reads KV that saw text the request does
+  not contain.
 
 Memory
 ------
@@ -25,7 +26,7 @@ Every session's cache is a ``KVCompactCache(offload="idle")`` parking into one s
 exceed ``max_device_bytes``, the least recently used session (never the one just served) is
 parked; it resumes at its next request. While the parked sessions' host bytes exceed
 ``max_host_bytes`` (or the shared pool cannot take a park), the least recently used parked session
-is dropped: closed and forgotten.
+is dropped: closed and forgotten (with no parked session left, the one that did not fit goes).
 
 All public methods take one lock: one request runs at a time.
 """
