@@ -10,20 +10,15 @@ import pytest
 import torch
 
 import kvcompact
-from agent_fixtures import smollm2_tokenizer
+from agent_fixtures import smollm2_tokenizer, tiny_llama
 from kvcompact.agent import Session, SessionError
 from kvcompact.offload import PinnedPool, PoolExhaustedError
 
 
 @pytest.fixture(scope="module")
 def mt():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = smollm2_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval(), tok
+    return tiny_llama(len(tok)), tok
 
 
 def _session(mt, **cache_kwargs):

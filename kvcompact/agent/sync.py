@@ -32,7 +32,7 @@ from kvcompact.agent import edits
 from kvcompact.agent.entries import GAP, LIVE, SessionError
 from kvcompact.agent.messages import ROLES, Message
 
-__all__ = ["SyncResult", "sync", "align"]
+__all__ = ["SyncResult", "sync", "align", "validate_messages", "message_key"]
 
 KEPT, REPLACED, FED, REFED = "kept", "replaced", "fed", "refed"
 
@@ -89,7 +89,7 @@ def _optional_str(m: Mapping, j: int, key: str) -> None:
         raise ValueError(f"sync: messages[{j}].{key} must be a str or None; got {type(value).__name__}")
 
 
-def _incoming(messages) -> list:
+def validate_messages(messages) -> list:
     """``(Message, explicit_id)`` per incoming message; ``ValueError`` naming the index and field."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise TypeError(f"sync: messages must be a list of dicts or Messages; got {type(messages).__name__}")
@@ -121,7 +121,7 @@ def _incoming(messages) -> list:
     return out
 
 
-def _key(m: Message) -> tuple:
+def message_key(m: Message) -> tuple:
     # An empty tool_calls list and none are the same message to a client.
     calls = json.dumps(m.tool_calls, sort_keys=True, default=str) if m.tool_calls else None
     return (m.role, m.content, m.name, m.tool_call_id, calls)
@@ -133,7 +133,7 @@ def _key(m: Message) -> tuple:
 def align(live: Sequence[Message], incoming: Sequence[Message]) -> list:
     """Ops ``(kind, i, j)`` in order: ``keep``/``replace`` (live ``i`` -> incoming ``j``), ``drop`` (``j``
     None), ``new`` (``i`` None). Monotone in both ``i`` and ``j``."""
-    a, b = [_key(m) for m in live], [_key(m) for m in incoming]
+    a, b = [message_key(m) for m in live], [message_key(m) for m in incoming]
     ops: list = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
         if tag == "equal":
@@ -254,7 +254,7 @@ def sync(session, messages, *, exact: bool = False) -> SyncResult:
     """
     session._require_editable("sync")
     session._check_live()
-    incoming = _incoming(messages)
+    incoming = validate_messages(messages)
     live = session.messages
     live_ids = [m.id for m in live]
     ops = align(live, [m for m, _ in incoming])

@@ -43,7 +43,7 @@ import torch
 from kvcompact.agent import Session, SyncResult
 from kvcompact.agent.entries import LIVE
 from kvcompact.agent.prefix import common_prefix
-from kvcompact.agent.sync import _incoming, _key
+from kvcompact.agent.sync import message_key, validate_messages
 from kvcompact.agent.template import TemplateRenderer
 
 __all__ = ["ChatResult", "ManagerStats", "SessionManager"]
@@ -222,7 +222,7 @@ class SessionManager:
 
     def _validate(self, messages) -> list:
         try:
-            incoming = _incoming(messages)
+            incoming = validate_messages(messages)
         except (TypeError, ValueError) as err:
             raise ValueError(str(err).replace("sync:", "chat:", 1)) from err
         if not incoming:
@@ -236,14 +236,14 @@ class SessionManager:
                 return session_id, False
             self._slots[session_id] = _Slot(self._new_session())
             return session_id, True
-        keys = [_key(m) for m in incoming]
+        keys = [message_key(m) for m in incoming]
         request_ids = None
         best, best_len = None, -1
         for sid, slot in self._slots.items():
             have = slot.session.messages
             if not slot.clean or not have or len(have) > len(keys):
                 continue
-            if [_key(m) for m in have] != keys[:len(have)]:
+            if [message_key(m) for m in have] != keys[:len(have)]:
                 continue
             if request_ids is None:
                 request_ids = self._renderer.render_ids(incoming)
@@ -269,7 +269,7 @@ class SessionManager:
                 continue
             have = s.messages
             n = 0
-            while n < min(len(have), len(keys)) and _key(have[n]) == keys[n]:
+            while n < min(len(have), len(keys)) and message_key(have[n]) == keys[n]:
                 n += 1
             if n > k:
                 src, k = s, n
