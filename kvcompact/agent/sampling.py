@@ -1,10 +1,11 @@
-"""Token picking for :meth:`Session.generate`: greedy or temperature / top-k / top-p sampling."""
+"""Token picking for :meth:`Session.generate`: greedy or temperature / top-k / top-p sampling, and
+the text side of decoding (stop strings, what a streamed reply may show yet)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["pick_token", "eos_ids"]
+__all__ = ["pick_token", "eos_ids", "stop_strings", "find_stop", "settled_length"]
 
 
 def pick_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -40,3 +41,45 @@ def eos_ids(model, tokenizer, eos_token_id=None) -> set:
     if "<|im_end|>" in tokenizer.get_vocab():
         ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     return {i for i in ids if i is not None}
+
+
+# ---------------------------------------------------------------------- stop strings, streaming
+
+
+def stop_strings(stop) -> tuple:
+    """``stop`` (None, a str, or a sequence of str) as a tuple of non-empty strings.
+
+    Raises ``ValueError`` naming ``stop`` for anything else (an empty string would stop at once).
+    """
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if isinstance(items, (bytes, dict)) or not isinstance(items, (list, tuple)):
+        raise ValueError(f"stop must be None, a str or a list of str; got {type(stop).__name__}")
+    for k, s in enumerate(items):
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop[{k}] must be a non-empty str; got {s!r}")
+    return tuple(items)
+
+
+def find_stop(text: str, stops: tuple) -> int | None:
+    """Index where the earliest of ``stops`` starts in ``text`` (None when none occurs)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def settled_length(text: str, stops: tuple) -> int:
+    """How much of a partly decoded reply can be shown for good.
+
+    Held back: a trailing incomplete UTF-8 character (the tokenizer decodes it as U+FFFD until its
+    last byte arrives) and the longest tail of ``text`` that begins one of ``stops`` (the next
+    tokens may complete the stop string, and the reply is cut before it).
+    """
+    n = len(text.rstrip("\ufffd"))
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, n), hold, -1):
+            if text.endswith(s[:k], 0, n):
+                hold = k
+                break
+    return n - hold

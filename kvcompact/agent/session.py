@@ -69,14 +69,14 @@ Example (needs a model, so not a doctest)::
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from kvcompact.agent.entries import GAP, LIVE, Entry, SessionError
 from kvcompact.agent.messages import Message, as_message, new_message_id
 from kvcompact.agent.prefix import PrefixCache, PrefixChangedError, common_prefix, prefix_sha256
-from kvcompact.agent.sampling import eos_ids, pick_token
+from kvcompact.agent.sampling import eos_ids, find_stop, pick_token, settled_length, stop_strings
 from kvcompact.agent.spawn import SpawnRecord
 from kvcompact.agent.template import TemplateRenderer
 from kvcompact.cache import compat
@@ -404,33 +404,96 @@ class Session:
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 128, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
-                 generator: torch.Generator | None = None) -> str:
+                 generator: torch.Generator | None = None, stop: str | Sequence[str] | None = None,
+                 on_token: Callable[[str], Any] | None = None) -> str:
         """Feed what is new, decode a reply, append it as an assistant message; returns its text.
 
         Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_k``/``top_p``
-        (:func:`~kvcompact.agent.sampling.pick_token`). Decoding stops at an end-of-turn token or
-        after ``max_new_tokens``. The reply's canonical end (``<|im_end|>\\n`` for ChatML) is fed
-        before returning, so the cache holds the whole reply and the next turn feeds only new
-        messages. If a decode step's forward raises, the tokens decoded so far stay in the cache
-        after the generation prompt (no reply is appended) and the next call continues from there.
+        (:func:`~kvcompact.agent.sampling.pick_token`). Decoding stops at an end-of-turn token, at a
+        ``stop`` string, or after ``max_new_tokens``. The reply's canonical end (``<|im_end|>\\n`` for
+        ChatML) is fed before returning, so the cache holds the whole reply and the next turn feeds
+        only new messages. If a decode step's forward raises, the tokens decoded so far stay in the
+        cache after the generation prompt (no reply is appended) and the next call continues from
+        there.
+
+        Parameters
+        ----------
+        stop : str or sequence of str, optional
+            Decoding stops as soon as the decoded reply contains one of these non-empty strings, and
+            the reply is cut before it. The cache then holds exactly what the cut reply renders to:
+            decoded tokens past the cut are taken back and the canonical tokens fed.
+        on_token : callable, optional
+            Called with each new piece of the reply's text as it is decoded (streaming). The pieces
+            concatenate to the returned text (for a tokenizer whose decoding of a token prefix is a
+            prefix of the full decoding, as byte-level BPE is): text that may still turn out to
+            begin a ``stop`` string, or an incomplete UTF-8 character, is held back until settled.
+            If it raises, the reply is rolled back -- the decoded tokens leave the cache, no reply is
+            appended, the session holds its messages plus the generation prompt (as after
+            :meth:`next_token_logits`) -- and the exception propagates.
+
+        Sets ``last_finish_reason``: ``"stop"`` (an end-of-turn token or a ``stop`` string) or
+        ``"length"`` (``max_new_tokens`` reached).
         """
+        stops = stop_strings(stop)
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"generate: on_token must be callable or None, got {type(on_token).__name__}")
         self._check_live()
         self._render_virtual(True)
         logits = self._sync_physical(need_logits=True)
         eos = eos_ids(self.model, self.tokenizer, eos_token_id)
+        prompt_rows = len(self._gen_tail)  # the generation prompt; fed decoded tokens follow it
+
+        def emit(piece: str) -> None:
+            try:
+                on_token(piece)
+            except BaseException:
+                fed = len(self._gen_tail) - prompt_rows
+                if fed:
+                    try:
+                        self.cache.crop(-fed)  # the newest rows: always a contiguous tail
+                    except Exception as err:  # noqa: BLE001 - reported through _broken
+                        self._broken = (f"the session is unusable: rolling back a reply whose on_token raised "
+                                        f"failed ({type(err).__name__}: {err})")
+                        raise
+                    del self._cache_ids[-fed:]
+                    del self._gen_tail[prompt_rows:]
+                raise
+
+        watch = bool(stops) or on_token is not None
         generated: list = []
+        text, sent, cut, finish = "", "", None, "length"
         for step in range(max_new_tokens):
             tok = pick_token(logits, do_sample, temperature, top_k, top_p, generator)
             generated.append(tok)
-            if tok in eos or step == max_new_tokens - 1:
+            if tok in eos:
+                finish = "stop"
+                break
+            if watch:
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                cut = find_stop(text, stops)
+                if cut is not None:
+                    finish = "stop"
+                    break
+                ready = text[:settled_length(text, stops)]
+                if on_token is not None and len(ready) > len(sent) and ready.startswith(sent):
+                    emit(ready[len(sent):])
+                    sent = ready
+            if step == max_new_tokens - 1:
                 break
             logits = self._feed([tok])
             self._gen_tail.append(tok)
-        text_ids = generated[:-1] if generated and generated[-1] in eos else generated
-        reply = Message("assistant", self.tokenizer.decode(text_ids, skip_special_tokens=True))
+        if cut is not None:
+            content = text[:cut]
+        else:
+            text_ids = generated[:-1] if generated and generated[-1] in eos else generated
+            content = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if on_token is not None and len(content) > len(sent) and content.startswith(sent):
+            emit(content[len(sent):])
+        self.last_finish_reason = finish
+        reply = Message("assistant", content)
         # The fed generated tokens become the reply's entry (gen prompt first), then the canonical
-        # increment completes it (the end-of-turn tokens, or a re-tokenized tail if the model's
-        # tokens were not the tokenizer's own for this text).
+        # increment completes it: the end-of-turn tokens, or a re-tokenized tail where the model's
+        # tokens were not the tokenizer's own for this text or ran past a stop string.
         hist = self._history()
         inc = self.renderer.render_increment(hist + [reply], len(hist), False, previous_generation_prompt=True,
                                              previous_ids=self._virtual_ids())
