@@ -28,6 +28,22 @@ parked; it resumes at its next request. While the parked sessions' host bytes ex
 ``max_host_bytes`` (or the shared pool cannot take a park), the least recently used parked session
 is dropped: closed and forgotten (with no parked session left, the one that did not fit goes).
 
+Reuse modes
+-----------
+``reuse`` picks how much of a live cache a request may reuse (the benchmark's baselines):
+
+* ``"edits"`` (default): everything above -- ``Session.sync`` keeps, drops and replaces messages
+  in place, so only new or changed text is fed.
+* ``"prefix"``: longest common *token* prefix only, what vLLM's prefix caching and llama.cpp's
+  slots do. The cache is cut where the request's render first differs from the session's tokens
+  and everything after is recomputed (nothing is edited in place, so every cache equals a fresh
+  prefill of its tokens). A request goes to its own session (``session_id``) or, without one, to
+  the session it continues exactly; otherwise it starts a session seeded with a copy of the
+  longest common token prefix of any unparked session (a shared system prompt).
+* ``"none"``: stateless, what ``transformers serve`` does outside continuous batching: every
+  request is a fresh prefill in a new session that is closed after the reply (``cached_tokens``
+  is 0; no session outlives its request).
+
 All public methods take one lock: one request runs at a time.
 """
 
@@ -42,11 +58,15 @@ import torch
 
 from kvcompact.agent import Session, SyncResult
 from kvcompact.agent.entries import LIVE
+from kvcompact.agent.messages import Message
 from kvcompact.agent.prefix import common_prefix
+from kvcompact.agent.sampling import stop_strings
 from kvcompact.agent.sync import message_key, validate_messages
 from kvcompact.agent.template import TemplateRenderer
 
-__all__ = ["ChatResult", "ManagerStats", "SessionManager"]
+__all__ = ["ChatResult", "ManagerStats", "SessionManager", "REUSE_MODES"]
+
+REUSE_MODES = ("edits", "prefix", "none")
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,8 @@ class ChatResult:
         Cache rows the reply added (its end-of-turn marker included).
     created : bool
         True when the request started a new session (a new id, or a fork).
+    finish_reason : str
+        ``"stop"`` (an end-of-turn token or a stop string) or ``"length"`` (``max_new_tokens``).
     """
 
     text: str
@@ -78,6 +100,7 @@ class ChatResult:
     cached_tokens: int
     completion_tokens: int
     created: bool
+    finish_reason: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -87,7 +110,9 @@ class ManagerStats:
     ``sessions_live`` counts sessions on the device, ``sessions_parked`` those in host memory,
     ``sessions_dropped`` those dropped under the host budget (or a full pool); ``parks`` counts
     parks done by the device budget; ``tokens_reused``/``tokens_fed`` sum the requests'
-    ``SyncResult`` fields (the prompt side; decoding is not counted).
+    ``SyncResult`` fields (the prompt side; decoding is not counted); ``peak_device_bytes`` is the
+    largest ``device_bytes`` seen right after a reply (before parking, or closing under
+    ``reuse="none"``), i.e. the KV the requests needed at once.
     """
 
     sessions_live: int
@@ -99,6 +124,7 @@ class ManagerStats:
     tokens_reused: int
     tokens_fed: int
     requests: int
+    peak_device_bytes: int = 0
 
 
 class _Slot:
@@ -133,12 +159,23 @@ class SessionManager:
     pool : kvcompact.offload.PinnedPool, optional
         The shared pool sessions park into. Default: one of ``max_host_bytes`` bytes when that is
         given, else each cache keeps its own (grown as needed).
+    reuse : {"edits", "prefix", "none"}
+        How much of a live cache a request reuses (see *Reuse modes* in the module docstring):
+        in-place edits (default), the longest common token prefix only, or nothing (stateless).
+
+    Raises
+    ------
+    ValueError
+        A budget that is not None or an int >= 0, ``reuse`` not one of the modes, ``cache_kwargs``
+        setting ``offload``/``pool``, ``pool`` not a ``PinnedPool``.
     """
 
     def __init__(self, model, tokenizer, *, cache_kwargs=None, max_device_bytes=None, max_host_bytes=None,
-                 pool=None):
+                 pool=None, reuse: str = "edits"):
         from kvcompact.offload import PinnedPool
 
+        if not isinstance(reuse, str) or reuse not in REUSE_MODES:
+            raise ValueError(f"reuse must be one of {', '.join(map(repr, REUSE_MODES))}, got {reuse!r}")
         _check_budget("max_device_bytes", max_device_bytes)
         _check_budget("max_host_bytes", max_host_bytes)
         cache_kwargs = dict(cache_kwargs or {})
@@ -154,15 +191,18 @@ class SessionManager:
         self.cache_kwargs = cache_kwargs
         self.max_device_bytes, self.max_host_bytes = max_device_bytes, max_host_bytes
         self.pool = pool
+        self.reuse = reuse
         self._renderer = TemplateRenderer(tokenizer)
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
         self._dropped = self._parks = self._reused = self._fed = self._requests = 0
+        self._peak_device = 0
 
     # ------------------------------------------------------------------ requests
 
     def chat(self, messages, *, session_id: str | None = None, max_new_tokens: int = 128, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float | None = None, seed: int | None = None) -> ChatResult:
+             temperature: float = 1.0, top_p: float | None = None, seed: int | None = None, stop=None,
+             on_token=None) -> ChatResult:
         """Answer one request: route it (see the module docstring), sync the session, generate.
 
         Parameters
@@ -175,26 +215,39 @@ class SessionManager:
             As for :meth:`Session.generate`.
         seed : int, optional
             Seeds the sampler (only used with ``do_sample=True``).
+        stop : str or list of str, optional
+            Stop strings: the reply is cut before the first one decoded (:meth:`Session.generate`).
+        on_token : callable, optional
+            Called with each settled piece of the reply's text while it is decoded (streaming). If
+            it raises (e.g. the client went away), the reply is rolled back in the session and the
+            exception propagates, as for any failed request (see *Threads, errors* in docs/serve.md).
 
         Raises
         ------
         ValueError
             ``messages`` is not a non-empty list of dicts with ``role``/``content`` (the message
-            names the index and field), ``session_id`` is not a non-empty str, or
-            ``max_new_tokens`` is not an int >= 1. Nothing is routed or created then.
+            names the index and field), ``session_id`` is not a non-empty str, ``max_new_tokens``
+            is not an int >= 1, or ``stop`` is not None, a str or a list of non-empty str. Nothing
+            is routed or created then.
         """
         incoming = self._validate(messages)
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError(f"chat: session_id must be None or a non-empty str, got {session_id!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"chat: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        try:
+            stop = stop_strings(stop)
+        except ValueError as err:
+            raise ValueError(f"chat: {err}") from err
+        if on_token is not None and not callable(on_token):
+            raise ValueError(f"chat: on_token must be callable or None, got {type(on_token).__name__}")
         with self._lock:
             sid, created = self._route(incoming, session_id)
             slot = self._slots[sid]
             session = slot.session
             try:
                 session.resume()
-                result = session.sync(messages)
+                result = self._sync(session, messages)
                 if result.dropped or result.replaced:
                     slot.clean = False
                 prompt = len(session.renderer.render_ids(session.messages, True))
@@ -202,7 +255,7 @@ class SessionManager:
                 if do_sample and seed is not None:
                     gen = torch.Generator(device=session._device()).manual_seed(seed)
                 text = session.generate(max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                                        generator=gen)
+                                        generator=gen, stop=stop, on_token=on_token)
             except BaseException:
                 # A half-fed new session is not worth keeping; a broken one (its cache no longer
                 # matches its tokens, see Session's *Failures*) can only raise from now on.
@@ -218,7 +271,8 @@ class SessionManager:
             self._fed += result.tokens_fed
             self._enforce(sid)
             return ChatResult(text=text, session_id=sid, sync=result, prompt_tokens=prompt,
-                              cached_tokens=result.tokens_reused, completion_tokens=completion, created=created)
+                              cached_tokens=result.tokens_reused, completion_tokens=completion, created=created,
+                              finish_reason=session.last_finish_reason)
 
     def _validate(self, messages) -> list:
         try:
@@ -230,7 +284,16 @@ class SessionManager:
         return [m for m, _ in incoming]
 
     def _route(self, incoming: list, session_id: str | None) -> tuple:
-        """``(session id, created)`` for a request (see *Routing* in the module docstring)."""
+        """``(session id, created)`` for a request (see *Routing* and *Reuse modes*)."""
+        if self.reuse == "none":
+            # Stateless: a fresh session every time (closed in _enforce after the reply).
+            sid = session_id if session_id is not None else f"sess-{uuid.uuid4().hex}"
+            if sid in self._slots:  # only while a request that failed midway left it behind
+                self._forget(sid, dropped=False)
+            self._slots[sid] = _Slot(self._new_session())
+            return sid, True
+        if self.reuse == "prefix":
+            return self._route_prefix(incoming, session_id)
         if session_id is not None:
             if session_id in self._slots:
                 return session_id, False
@@ -289,6 +352,92 @@ class SessionManager:
         session._adopt(session.cache, prefix)
         return session
 
+    def _route_prefix(self, incoming: list, session_id: str | None) -> tuple:
+        """``reuse="prefix"``: the request's own session, else an exact continuation, else a new session
+        seeded with the longest common token prefix of an unparked session (see *Reuse modes*)."""
+        if session_id is not None and session_id in self._slots:
+            return session_id, False
+        request_ids = self._renderer.render_ids(incoming)
+        src, best = None, 0
+        for sid, slot in self._slots.items():
+            s = slot.session
+            if s.parked or s._pending:
+                continue
+            n = common_prefix(s.token_ids, request_ids)
+            if session_id is None and n == len(s.token_ids) and n > 0:
+                return sid, False  # the request continues this session exactly: extend it
+            if n > best:
+                src, best = s, n
+        sid = session_id if session_id is not None else f"sess-{uuid.uuid4().hex}"
+        self._slots[sid] = _Slot(self._seeded_session(src, best))
+        return sid, True
+
+    def _seeded_session(self, src: Session | None, rows: int) -> Session:
+        """A new session whose cache holds a copy of ``src``'s first ``rows`` cache rows (no messages
+        yet: :meth:`_prefix_sync` renders the request and keeps the rows its render shares)."""
+        session = self._new_session()
+        if src is None or rows == 0:
+            return session
+        try:
+            session.cache.import_state(*src.cache.export_state())
+            session.cache.crop(rows - len(src.token_ids))  # -n: the newest n rows go; 0: none
+        except (ValueError, RuntimeError):
+            session.close()  # a cache that cannot be copied or cut: a fresh prefill is always correct
+            return self._new_session()
+        session._adopt(session.cache, [])
+        session._cache_ids = src.token_ids[:rows]
+        return session
+
+    def _sync(self, session: Session, messages) -> SyncResult:
+        """Reconcile ``session`` with the request under the manager's reuse mode."""
+        if self.reuse == "prefix":
+            return self._prefix_sync(session, messages)
+        return session.sync(messages)  # "edits"; under "none" the session is new, so this feeds all
+
+    def _prefix_sync(self, session: Session, messages) -> SyncResult:
+        """``reuse="prefix"``: keep the cache rows the request's render shares as a token prefix, feed the rest.
+
+        The session forgets its message record and keeps its cache: the request is rendered from
+        scratch as a fresh session would render it, and ``prefill`` cuts the cache where the render
+        first differs from the cached tokens and feeds everything after (Session keeps the longest
+        common prefix of its cache ids and its render). No in-place edit happens, so the cache stays
+        equal to a fresh prefill of its tokens.
+        """
+        incoming = [m for m, _ in validate_messages(messages)]
+        old_messages, old_ids = session.messages, session.token_ids
+        fresh = [Message(m.role, m.content, name=m.name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls,
+                         metadata=dict(m.metadata)) for m in incoming]
+        session._adopt(session.cache, [], pending=fresh)
+        session._cache_ids = old_ids
+        fed_before = session.fed_tokens
+        session.prefill()
+        fed = session.fed_tokens - fed_before
+        reused = len(session.token_ids) - fed
+        spans = session.spans
+        old_keys = [message_key(m) for m in old_messages]
+        new_keys = [message_key(m) for m in incoming]
+        paths = []
+        for m, key in zip(session.messages, new_keys):
+            if spans[m.id][1] <= reused:
+                paths.append("kept")
+            else:
+                paths.append("refed" if key in old_keys else "fed")
+        remaining = list(new_keys)
+        dropped = []
+        for i, key in enumerate(old_keys):
+            if key in remaining:
+                remaining.remove(key)
+            else:
+                dropped.append(i)
+        tail = next((j for j, p in enumerate(paths) if p != "kept"), None)
+        # New messages after the kept ones are an append; anything else re-fed is a recomputed tail.
+        redone = tail is not None and (bool(dropped) or "refed" in paths[tail:])
+        return SyncResult(kept=paths.count("kept"), replaced=0, fed=paths.count("fed"), refed=paths.count("refed"),
+                          dropped=len(dropped), tokens_reused=reused, tokens_fed=fed, paths=tuple(paths),
+                          dropped_indices=tuple(dropped), tail_from=tail if redone else None,
+                          reason=f"reuse='prefix': recomputed after the first {reused} common tokens" if redone else None,
+                          ids=tuple(m.id for m in session.messages))
+
     def _new_session(self) -> Session:
         from kvcompact.cache import KVCompactCache
 
@@ -304,6 +453,10 @@ class SessionManager:
         return sum(s.session.cache.stats().host_bytes for s in self._slots.values())
 
     def _enforce(self, served: str) -> None:
+        self._peak_device = max(self._peak_device, self._device_bytes())
+        if self.reuse == "none":
+            self._forget(served, dropped=False)  # stateless: nothing outlives its request
+            return
         if self.max_device_bytes is not None:
             for sid in list(self._slots):
                 if self._device_bytes() <= self.max_device_bytes:
@@ -371,4 +524,4 @@ class SessionManager:
             return ManagerStats(sessions_live=len(self._slots) - parked, sessions_parked=parked,
                                 sessions_dropped=self._dropped, parks=self._parks, device_bytes=self._device_bytes(),
                                 host_bytes=self._host_bytes(), tokens_reused=self._reused, tokens_fed=self._fed,
-                                requests=self._requests)
+                                requests=self._requests, peak_device_bytes=self._peak_device)
