@@ -336,3 +336,142 @@ def test_a_park_the_shared_pool_cannot_hold_drops_instead_of_failing(mt):
     st = mgr.stats()
     assert (st.sessions_dropped, st.parks, st.host_bytes, pool.used_bytes) == (1, 0, 0, 0)
     assert r.text == SessionManager(model, tok).chat(conversation(1), max_new_tokens=N).text
+
+
+# ---------------------------------------------------------------------- reuse modes
+
+
+def test_reuse_must_be_a_known_mode(mt):
+    model, tok = mt
+    for bad in ("prefixes", "", None, 1, "EDITS"):
+        with pytest.raises(ValueError, match=r"reuse must be one of 'edits', 'prefix', 'none'"):
+            SessionManager(model, tok, reuse=bad)
+    assert SessionManager(model, tok).reuse == "edits"
+
+
+def _hand_session(model, tok, *lists):
+    """A Session driven by hand: sync each list, generate; the replies."""
+    from kvcompact.agent import Session
+
+    s = Session(model, tok)
+    out = []
+    for msgs in lists:
+        s.sync(msgs)
+        out.append(s.generate(N))
+    s.close()
+    return out
+
+
+def _three_requests(mgr):
+    """A first request, an append, then a drop of the early tool output (one conversation id)."""
+    from kvcompact.agent.prefix import common_prefix
+
+    msgs = conversation()
+    r1 = mgr.chat(msgs, session_id="agent", max_new_tokens=N)
+    appended = turn(msgs, r1.text)
+    before_append = list(mgr.session("agent").token_ids) if mgr.reuse != "none" else None
+    r2 = mgr.chat(appended, session_id="agent", max_new_tokens=N)
+    dropped = turn(appended[:3] + appended[4:], r2.text, "Sure?")
+    facts = {"before_append": before_append, "lists": (msgs, appended, dropped)}
+    if mgr.reuse != "none":
+        s = mgr.session("agent")
+        start, end = s.spans[s.messages[3].id]
+        facts["kept_rows"] = len(s.token_ids) - (end - start)
+        facts["lcp"] = common_prefix(s.token_ids, s.renderer.render_ids(dropped))
+        facts["tool_start"] = start
+    r3 = mgr.chat(dropped, session_id="agent", max_new_tokens=N)
+    return (r1, r2, r3), facts
+
+
+def test_reuse_modes_cached_and_fed_counts_and_replies(mt):
+    model, tok = mt
+    runs = {mode: _three_requests(SessionManager(model, tok, reuse=mode)) for mode in ("edits", "prefix", "none")}
+    prompts = {mode: [r.prompt_tokens for r in rs] for mode, (rs, _) in runs.items()}
+    assert prompts["edits"][:2] == prompts["prefix"][:2] == prompts["none"][:2]  # the same renders
+
+    (e1, e2, e3), ef = runs["edits"]
+    (p1, p2, p3), pf = runs["prefix"]
+    (n1, n2, n3), _ = runs["none"]
+    # First request: nothing to reuse anywhere.
+    assert e1.cached_tokens == p1.cached_tokens == n1.cached_tokens == 0
+    # Append: both stateful modes reuse the whole previous context; stateless reuses nothing.
+    assert e2.cached_tokens == len(ef["before_append"]) == p2.cached_tokens == len(pf["before_append"])
+    assert e2.sync.tokens_fed == p2.sync.tokens_fed < n2.sync.tokens_fed
+    render = SessionManager(model, tok)._renderer.render_ids  # a request's render, no generation prompt
+    assert n2.cached_tokens == 0 and n2.sync.tokens_fed == len(render(ef["lists"][1]))
+    # Drop of the early tool output: edits drops it in place and keeps (almost) every other row;
+    # prefix keeps exactly the common token prefix (up to the dropped message) and recomputes the
+    # rest; stateless recomputes everything.
+    assert e3.sync.dropped == 1 and e3.cached_tokens >= 0.9 * ef["kept_rows"]
+    assert e3.sync.tokens_fed < 20  # the new user message and the reply's markers only
+    assert ef["tool_start"] <= pf["lcp"] < ef["tool_start"] + 8  # at most the tool's role header
+    assert p3.cached_tokens == pf["lcp"] and p3.sync.tokens_fed == len(render(pf["lists"][2])) - pf["lcp"]
+    assert p3.sync.tail_from == 3 and p3.sync.dropped == 1 and p3.sync.replaced == 0
+    assert n3.cached_tokens == 0 and n3.sync.tokens_fed > p3.sync.tokens_fed > e3.sync.tokens_fed
+    prefilled = {m: rs[2].prompt_tokens - rs[2].cached_tokens for m, (rs, _) in runs.items()}
+    assert prefilled["edits"] < prefilled["prefix"] < prefilled["none"]
+
+    # Replies: on the first request and the append every mode holds the same KV -> the same reply.
+    assert e1.text == p1.text == n1.text and e2.text == p2.text == n2.text
+    # After the drop, prefix and stateless hold a fresh prefill of the list (exact) -> equal; edits
+    # keeps KV computed while the tool output was visible, so it equals a Session doing the same
+    # syncs by hand (not necessarily a fresh prefill).
+    assert p3.text == n3.text
+    lists = ef["lists"]
+    assert [e1.text, e2.text, e3.text] == _hand_session(model, tok, *lists)
+    fresh = SessionManager(model, tok, reuse="none").chat(lists[2], max_new_tokens=N)
+    assert p3.text == fresh.text
+
+
+def test_prefix_mode_cache_equals_a_fresh_prefill_after_an_edit(mt):
+    import torch
+
+    model, tok = mt
+    mgr = SessionManager(model, tok, reuse="prefix")
+    msgs = conversation()
+    r1 = mgr.chat(msgs, session_id="a", max_new_tokens=N)
+    truncated = [dict(m) for m in turn(msgs, r1.text)]
+    truncated[3]["content"] = truncated[3]["content"][:60] + "\n[... truncated ...]"
+    mgr.chat(truncated, session_id="a", max_new_tokens=N)
+    s = mgr.session("a")
+    ref = SessionManager(model, tok, reuse="edits")
+    ref.chat(truncated, session_id="b", max_new_tokens=N)  # the same list, fresh, and the same reply
+    clean = ref.session("b")
+    assert s.token_ids == clean.token_ids
+    assert s.cache.get_seq_length() == len(s.token_ids)  # no in-place edit: logical == physical
+    assert torch.allclose(s.next_token_logits(), clean.next_token_logits(), atol=1e-4)
+
+
+def test_prefix_mode_id_less_requests_share_a_system_prompt_without_touching_each_other(mt):
+    from kvcompact.agent.prefix import common_prefix
+
+    model, tok = mt
+    mgr = SessionManager(model, tok, reuse="prefix")
+    a, b = conversation(1), conversation(2)
+    ra = mgr.chat(a, max_new_tokens=N)
+    held_a = mgr.session(ra.session_id).token_ids
+    rb = mgr.chat(b, max_new_tokens=N)
+    render = mgr._renderer
+    shared = common_prefix(render.render_ids(a), render.render_ids(b))
+    assert rb.created and rb.session_id != ra.session_id
+    assert rb.cached_tokens == shared > len(render.render_ids(a[:1])) - 2  # the system prompt at least
+    assert mgr.session(ra.session_id).token_ids == held_a  # the source was copied, not cut
+    # An exact continuation without an id extends its session in place.
+    rc = mgr.chat(turn(a, ra.text), max_new_tokens=N)
+    assert rc.session_id == ra.session_id and not rc.created and rc.cached_tokens == len(held_a)
+    assert rb.text == SessionManager(model, tok, reuse="none").chat(b, max_new_tokens=N).text
+
+
+def test_stateless_mode_holds_no_session_after_a_request(mt):
+    model, tok = mt
+    mgr = SessionManager(model, tok, reuse="none")
+    msgs = conversation()
+    r1 = mgr.chat(msgs, session_id="agent", max_new_tokens=N)
+    assert r1.created and r1.cached_tokens == 0
+    assert mgr.session_ids() == [] and mgr.stats().sessions_live == 0 and mgr.stats().device_bytes == 0
+    assert mgr.stats().peak_device_bytes > 0  # the request did hold KV while it ran
+    r2 = mgr.chat(turn(msgs, r1.text), session_id="agent", max_new_tokens=N)
+    r3 = mgr.chat(turn(msgs, r1.text), max_new_tokens=N)
+    assert r2.created and r2.cached_tokens == 0 and r3.cached_tokens == 0 and r2.text == r3.text
+    assert mgr.session_ids() == [] and mgr.stats().requests == 3
+    assert mgr.stats().tokens_reused == 0
