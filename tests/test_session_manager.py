@@ -55,6 +55,16 @@ def test_append_only_request_reuses_the_whole_previous_context(mt):
     assert st.tokens_reused == held and st.tokens_fed == r1.sync.tokens_fed + r2.sync.tokens_fed
 
 
+def test_a_new_named_session_is_seeded_with_a_shared_system_prompt(mt):
+    model, tok = mt
+    mgr = SessionManager(model, tok)
+    a, b = conversation(1), conversation(2)
+    mgr.chat(a, session_id="a", max_new_tokens=N)
+    rb = mgr.chat(b, session_id="b", max_new_tokens=N)
+    assert rb.created and rb.cached_tokens == len(mgr._renderer.render_ids(b[:1])) > 0
+    assert rb.text == SessionManager(model, tok).chat(b, session_id="b", max_new_tokens=N).text
+
+
 def test_explicit_id_drop_of_an_old_tool_output_is_in_place(mt):
     model, tok = mt
     mgr = SessionManager(model, tok)
@@ -173,8 +183,11 @@ def test_host_budget_drops_the_least_recently_used_parked_session(mt):
     assert st.sessions_dropped == 1 and st.host_bytes <= int(1.5 * parked_bytes)
     with pytest.raises(KeyError, match="'a'"):
         mgr.session("a")
-    again = mgr.chat(conversation(0), session_id="a", max_new_tokens=N)  # rebuilt by a full prefill
-    assert again.created and again.cached_tokens == 0
+    # Rebuilt: only the system prompt comes from "c" (the one unparked session; a new named
+    # session is seeded like a fork), the rest is prefilled.
+    again = mgr.chat(conversation(0), session_id="a", max_new_tokens=N)
+    assert again.created and again.cached_tokens == len(mgr._renderer.render_ids(conversation(0)[:1])) > 0
+    assert again.sync.paths == ("kept",) + ("fed",) * 4
     assert again.text == probe.chat(conversation(0), session_id="fresh", max_new_tokens=N).text
 
 

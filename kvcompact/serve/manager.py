@@ -7,8 +7,9 @@ then generates the reply.
 Routing
 -------
 * **With a session id**: the request goes to that session, created if the id is unknown (a client
-  may name its own sessions; an id the manager dropped under its host budget is simply rebuilt by a
-  full prefill). The list may edit the session in place: drops and replaces become cache edits.
+  may name its own sessions; an id the manager dropped under its host budget is simply rebuilt).
+  A created session is seeded like a fork (below), so a shared system prompt is not recomputed.
+  The list may edit the session in place: drops and replaces become cache edits.
 * **Without an id**: the request may only *continue* a session. A live session is a candidate when
   its messages are an exact prefix of the request's messages (append-only) and its KV is *clean*:
   no in-place drop or replace was ever applied to it (after such an edit, later rows hold KV
@@ -294,12 +295,13 @@ class SessionManager:
             return sid, True
         if self.reuse == "prefix":
             return self._route_prefix(incoming, session_id)
+        keys = [message_key(m) for m in incoming]
         if session_id is not None:
             if session_id in self._slots:
                 return session_id, False
-            self._slots[session_id] = _Slot(self._new_session())
+            # A new named conversation starts like a fork: a shared system prompt is not recomputed.
+            self._slots[session_id] = _Slot(self._fork(keys))
             return session_id, True
-        keys = [message_key(m) for m in incoming]
         request_ids = None
         best, best_len = None, -1
         for sid, slot in self._slots.items():
