@@ -438,3 +438,63 @@ def bench(args: argparse.Namespace) -> int:
     from kvcompact.bench import run
 
     return run(args)
+
+
+# --------------------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return value
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    # Names only: the server module (and the web stack) is imported when the command runs.
+    p.add_argument("--model", metavar="PATH",
+                   help="a local Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--kv-dtype", choices=("auto",) + memory.QUANTIZED_FORMATS, default="auto",
+                   help="KV storage of every session (auto: the model's dtype, lossless)")
+    p.add_argument("--group-size", type=_positive_int, metavar="G",
+                   help="with a quantized --kv-dtype: elements per scale (default: one scale per token-head)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    p.add_argument("--max-device-gib", type=_positive_float, metavar="GiB",
+                   help="device KV budget: least recently used idle sessions are parked to host memory beyond it")
+    p.add_argument("--max-host-gib", type=_positive_float, metavar="GiB",
+                   help="host budget for parked sessions: the least recently used are dropped beyond it")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $KVCOMPACT_API_KEY)")
+    p.add_argument("--reuse", choices=("edits", "prefix", "none"), default="edits",
+                   help="KV reuse across requests: in-place edits (default), common token prefix only, or none")
+    p.add_argument("--max-context", type=_positive_int, metavar="N",
+                   help="longest prompt + reply in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs (auto: a GPU when there is one)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")
+
+
+@command(
+    "serve",
+    help="an OpenAI-compatible HTTP server whose sessions keep their KV across requests",
+    arguments=_serve_arguments,
+    description=(
+        "Serve /v1/chat/completions (streaming too), /v1/models, /health and /metrics. Each\n"
+        "request's whole message list is reconciled with a live session: unchanged messages keep\n"
+        "their KV, dropped or shortened ones are edited in place, only new text is prefilled\n"
+        "(usage.prompt_tokens_details.cached_tokens says how much was reused). Send a session id\n"
+        "(X-Session-Id header or the request's user field) to allow in-place edits; without one\n"
+        "a request may only continue an exact prefix. See docs/serve.md.\n\n"
+        "example: kvcompact serve --port 8000 --max-device-gib 2 --api-key $KEY"
+    ),
+)
+def serve(args: argparse.Namespace) -> int:
+    from kvcompact.serve.server import serve as run_server
+
+    return run_server(args)
