@@ -203,7 +203,7 @@ class SessionManager:
 
     def chat(self, messages, *, session_id: str | None = None, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 1.0, top_p: float | None = None, seed: int | None = None, stop=None,
-             on_token=None) -> ChatResult:
+             on_token=None, on_session=None) -> ChatResult:
         """Answer one request: route it (see the module docstring), sync the session, generate.
 
         Parameters
@@ -222,6 +222,9 @@ class SessionManager:
             Called with each settled piece of the reply's text while it is decoded (streaming). If
             it raises (e.g. the client went away), the reply is rolled back in the session and the
             exception propagates, as for any failed request (see *Threads, errors* in docs/serve.md).
+        on_session : callable, optional
+            Called with the session id once the request is routed, before any model work (a
+            streaming server sends it in its response headers before the first token).
 
         Raises
         ------
@@ -240,13 +243,16 @@ class SessionManager:
             stop = stop_strings(stop)
         except ValueError as err:
             raise ValueError(f"chat: {err}") from err
-        if on_token is not None and not callable(on_token):
-            raise ValueError(f"chat: on_token must be callable or None, got {type(on_token).__name__}")
+        for name, fn in (("on_token", on_token), ("on_session", on_session)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"chat: {name} must be callable or None, got {type(fn).__name__}")
         with self._lock:
             sid, created = self._route(incoming, session_id)
             slot = self._slots[sid]
             session = slot.session
             try:
+                if on_session is not None:
+                    on_session(sid)
                 session.resume()
                 result = self._sync(session, messages)
                 if result.dropped or result.replaced:
