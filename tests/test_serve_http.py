@@ -102,6 +102,37 @@ def test_streaming_holds_back_a_possible_stop_string_and_bad_stops_raise(tiny):
     assert s.token_ids == []  # refused before anything was fed
 
 
+# ---------------------------------------------------------------------- tool calls (no model)
+
+
+def test_tools_are_described_in_the_system_message_and_json_replies_become_tool_calls():
+    from kvcompact.serve.tool_calls import ToolCallMemory, parse_tool_calls, with_tools
+
+    tools = [{"type": "function", "function": {"name": "grep", "parameters": {"type": "object"}}}]
+    msgs = with_tools([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "find x"}], tools)
+    assert msgs[0]["content"].startswith(SYSTEM + "\n\n") and '"name": "grep"' in msgs[0]["content"]
+    assert with_tools([{"role": "user", "content": "x"}], tools)[0]["role"] == "system"
+    assert msgs == with_tools([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "find x"}], tools)
+    for text in ('{"name": "grep", "arguments": {"pattern": "x"}}', ' ```json\n{"name": "grep", "arguments": '
+                 '"{\\"pattern\\": \\"x\\"}"}\n``` ', '<tool_call>{"name": "grep", "parameters": {"pattern": "x"}}'
+                 '</tool_call>'):
+        calls = parse_tool_calls(text, {"grep"})
+        assert calls and calls[0]["function"] == {"name": "grep", "arguments": '{"pattern": "x"}'}, text
+        assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
+    for text in ("grep it", '{"name": "rm", "arguments": {}}', '{"name": "grep", "arguments": 3}', "{"):
+        assert parse_tool_calls(text, {"grep"}) is None, text
+    raw = '{"name": "grep", "arguments": {"pattern": "x"}}'
+    calls = parse_tool_calls(raw, {"grep"})
+    memory = ToolCallMemory()
+    memory.remember(calls, raw)
+    sent_back = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                 {"role": "tool", "content": "x: 1", "tool_call_id": calls[0]["id"]}]
+    restored = memory.restore(sent_back)
+    assert restored[1] == {"role": "assistant", "content": raw} and restored[2] == sent_back[2]
+    other = [dict(sent_back[1], tool_calls=[dict(calls[0], id="call_unknown")])]
+    assert memory.restore(other) == other  # not one of ours: left as sent
+
+
 # ---------------------------------------------------------------------- the real server
 
 
@@ -368,6 +399,9 @@ def test_a_client_leaving_mid_stream_rolls_the_reply_back(server):
         chunk = sock.recv(4096)
         assert chunk, got
         got += chunk
+    t0 = time.monotonic()  # the model is still decoding: /health does not wait for it
+    assert server.request("GET", "/health", auth=False, timeout=5)[0] == 200
+    assert time.monotonic() - t0 < 2
     sock.close()
     deadline = time.monotonic() + 120
     while server.metrics()["kvcompact_streams_cancelled_total"] == before["kvcompact_streams_cancelled_total"]:
@@ -381,8 +415,9 @@ def test_a_client_leaving_mid_stream_rolls_the_reply_back(server):
 
 def test_smolagents_tool_calling_agent_runs_a_multi_step_loop_through_the_server(server):
     smolagents = pytest.importorskip("smolagents")
+    from smolagents import tool
 
-    @smolagents.tool
+    @tool
     def word_length(word: str) -> int:
         """Count the letters of a word.
 
