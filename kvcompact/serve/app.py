@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 import threading
@@ -150,8 +151,7 @@ class _Stream(StreamingResponse):
 
 
 def _sse(obj) -> str:
-    import json
-
+    """One server-sent event carrying ``obj`` as JSON."""
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
