@@ -116,6 +116,9 @@ class Session:
     last_tool_call : kvcompact.agent.park.ToolCallRecord or None
         The latest :meth:`tool_call`: name, bytes parked, the tool's time, the model's wait for
         the resume copy.
+    last_finish_reason : str or None
+        Why the last :meth:`generate` ended: ``"stop"`` (end of turn or a stop string) or
+        ``"length"`` (``max_new_tokens`` reached); None before the first.
     fed_tokens : int
         Tokens fed to the model by this session so far (prefill + decode + splices).
     """
@@ -158,6 +161,7 @@ class Session:
         self._broken: str | None = None  # why the cache no longer matches _cache_ids (see _recover)
         self.last_spawn: SpawnRecord | None = None
         self.last_tool_call = None
+        self.last_finish_reason: str | None = None  # of the last generate(): "stop" or "length"
         self.fed_tokens = 0
 
     def _adopt(self, cache, entries: list, *, pending=(), gen_tail=(), gen_prompt: bool = False,
