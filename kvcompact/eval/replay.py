@@ -1,0 +1,233 @@
+"""Replayers: play one trace under one configuration, answer its questions, count the cost.
+
+Every replayer gets the same events in the same order and returns, per question, the reply, the
+log-probabilities of the reply's first token (for the KL against the reference) and the cache
+size at that moment. Message ids are the trace's labels, so every configuration renders the same
+text (the truncation note names the label, not a random id).
+
+Asking without leaking
+----------------------
+A question must not stay in the context (its answer would leak into the next question). The
+in-place replayers ask on the live session -- add the question, ``next_token_logits``,
+``generate`` -- and then take question and reply back with ``Session.drop(reposition=True)``.
+Both are the newest rows, so the drop removes exactly the rows the question added and the
+logical length returns to what it was: the cache then holds the same rows at the same positions
+as before the question (tests/test_eval_runner.py checks tokens, positions and the next logits).
+``Session`` has no ask-and-roll-back of its own; a ``Session.rollback(mark)`` (crop to a mark
+taken before the question) would say this in one call.
+
+Costs
+-----
+``tokens_prefilled`` counts tokens fed to the model for the context (events, edits, the
+re-prefill of a fresh session); ``tokens_fed`` adds the tokens fed for questions and replies.
+``peak_kv_bytes`` is the largest ``cache.stats().device_bytes`` seen after any event or reply
+(buffer capacity, so it moves in the cache's growth steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from kvcompact.agent.compaction import NOTE, TokenCounter
+from kvcompact.agent.messages import Message
+from kvcompact.eval.configs import EvalConfig
+from kvcompact.eval.traces import Event, Question, Trace
+
+__all__ = ["Answer", "Replayer", "DenseReplayer", "InPlaceReplayer", "ReprefillReplayer", "REPLAYERS",
+           "truncated_text", "truncation_texts"]
+
+
+def truncated_text(text: str, head_tokens: int, tail_tokens: int, counter: TokenCounter, label: str) -> str:
+    """``text`` cut to its first ``head_tokens`` and last ``tail_tokens`` tokens around the compaction note.
+
+    The note is :data:`kvcompact.agent.compaction.NOTE` with the message's label as its reference.
+    Returns ``text`` unchanged when the cut would keep everything.
+    """
+    head, tail, total = counter.cut(text, head_tokens, tail_tokens)
+    if head_tokens + tail_tokens >= total:
+        return text
+    removed = total - counter.count(head) - counter.count(tail)
+    return head + NOTE.format(removed=removed, total=total, ref=label) + tail
+
+
+def truncation_texts(trace: Trace, tokenizer) -> dict:
+    """``label -> truncated text`` for every ``truncate`` event of ``trace`` (the model's tokenizer)."""
+    counter = TokenCounter(tokenizer)
+    outputs = {e.label: e.content for e in trace.events if e.type == "tool"}
+    return {e.label: truncated_text(outputs[e.label], e.head_tokens, e.tail_tokens, counter, e.label)
+            for e in trace.events if e.type == "truncate"}
+
+
+@dataclass
+class Answer:
+    """One question's outcome before scoring."""
+
+    reply: str
+    logprobs: torch.Tensor  # [vocab] float32, log-softmax of the reply's first token
+    context_tokens: int     # cache rows held when the question was asked (question excluded)
+
+
+class Replayer:
+    """Base class: holds the counters; subclasses implement :meth:`event` and :meth:`ask`."""
+
+    def __init__(self, model, tokenizer, config: EvalConfig, trace: Trace, truncations: dict, *,
+                 max_new_tokens: int = 24):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.trace = trace
+        self.truncations = truncations
+        self.max_new_tokens = max_new_tokens
+        self.tokens_prefilled = 0
+        self.tokens_fed = 0
+        self.peak_kv_bytes = 0
+
+    def _cache(self):
+        from kvcompact.cache import KVCompactCache
+
+        return KVCompactCache(self.model.config, kv_dtype=self.config.kv_dtype, group_size=self.config.group_size)
+
+    def _note_bytes(self, cache) -> None:
+        self.peak_kv_bytes = max(self.peak_kv_bytes, cache.stats().device_bytes)
+
+    def event(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def ask(self, question: Question) -> Answer:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _messages_of(event: Event) -> list:
+    """The messages a user/assistant/tool event adds (a tool event: the call, then the output)."""
+    if event.type == "tool":
+        return [Message("assistant", event.call, id=f"{event.label}:call"),
+                Message("tool", event.content, id=event.label)]
+    return [Message(event.type, event.content)]
+
+
+def _ask_live(replayer: Replayer, session, question: Question) -> Answer:
+    """Ask on a live session, then take question and reply back (see the module docstring)."""
+    held = len(session.token_ids)
+    fed = session.fed_tokens
+    qid = session.add("user", question.prompt)
+    logits = session.next_token_logits()
+    reply = session.generate(max_new_tokens=replayer.max_new_tokens)
+    reply_id = session.messages[-1].id
+    replayer._note_bytes(session.cache)
+    replayer.tokens_fed += session.fed_tokens - fed
+    session.drop(reply_id, reposition=True)
+    session.drop(qid, reposition=True)
+    return Answer(reply, torch.log_softmax(logits.float(), dim=-1), held)
+
+
+class _LiveSessionReplayer(Replayer):
+    """One session for the whole trace, fed event by event (dense and in-place modes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from kvcompact.agent import Session
+
+        self.session = Session(self.model, self.tokenizer, cache=self._cache())
+        self.session.add("system", self.trace.system, id="system")
+        self._prefill()
+
+    def _prefill(self) -> None:
+        before = self.session.fed_tokens
+        self.session.prefill()
+        self._count(before)
+
+    def _count(self, before: int) -> None:
+        n = self.session.fed_tokens - before
+        self.tokens_prefilled += n
+        self.tokens_fed += n
+        self._note_bytes(self.session.cache)
+
+    def event(self, event: Event) -> None:
+        if event.type in ("user", "assistant", "tool"):
+            for m in _messages_of(event):
+                self.session.add_message(m)
+            self._prefill()
+        elif event.type in ("truncate", "drop"):
+            before = self.session.fed_tokens
+            self.edit(event)
+            self._count(before)
+
+    def edit(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def ask(self, question: Question) -> Answer:
+        return _ask_live(self, self.session, question)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class DenseReplayer(_LiveSessionReplayer):
+    """The reference context: every message stays whole (edits are ignored)."""
+
+    def edit(self, event: Event) -> None:
+        pass
+
+
+class InPlaceReplayer(_LiveSessionReplayer):
+    """Edits as in-place cache edits: ``Session.drop`` / ``Session.replace`` with the config's options."""
+
+    def edit(self, event: Event) -> None:
+        c = self.config
+        if c.recompute_tail:
+            # Session.drop/replace(recompute_tail=True) crop the cache from the edit on, and the cache
+            # refuses a crop reaching past rows dropped later (a question taken back, an earlier
+            # edit after this one). sync(exact=True) re-feeds the same tail from the first change
+            # and removes rows it cannot crop as a span: the same context, through the public API.
+            self.session.sync(_edited(self.session.messages, event, self.truncations), exact=True)
+        elif event.type == "drop":
+            self.session.drop(event.label, reposition=c.reposition)
+        else:
+            self.session.replace(event.label, self.truncations[event.label])
+
+
+def _edited(messages: list, event: Event, truncations: dict) -> list:
+    """``messages`` with a ``drop`` / ``truncate`` event applied (ids kept)."""
+    if event.type == "drop":
+        return [m for m in messages if m.id != event.label]
+    text = truncations[event.label]
+    return [dataclasses.replace(m, content=text) if m.id == event.label else m for m in messages]
+
+
+class ReprefillReplayer(Replayer):
+    """Message compaction with a full re-prefill: a fresh session over the compacted list per question."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.messages = [Message("system", self.trace.system, id="system")]
+
+    def event(self, event: Event) -> None:
+        if event.type in ("user", "assistant", "tool"):
+            self.messages.extend(_messages_of(event))
+        elif event.type in ("truncate", "drop"):
+            self.messages = _edited(self.messages, event, self.truncations)
+
+    def ask(self, question: Question) -> Answer:
+        from kvcompact.agent import Session
+
+        session = Session(self.model, self.tokenizer, cache=self._cache())
+        try:
+            for m in self.messages:
+                session.add_message(m)
+            session.prefill()
+            self.tokens_prefilled += session.fed_tokens
+            self.tokens_fed += session.fed_tokens
+            self._note_bytes(session.cache)
+            return _ask_live(self, session, question)
+        finally:
+            session.close()
+
+
+#: mode -> replayer class (a new mode registers its replayer here).
+REPLAYERS = {"dense": DenseReplayer, "inplace": InPlaceReplayer, "reprefill": ReprefillReplayer}
