@@ -126,5 +126,9 @@ class EvalReport:
                         + ["-" if kl is None or math.isnan(kl) else f"{kl:.4f}", _mib(c.peak_kv_bytes),
                            f"{c.tokens_prefilled:,}", f"{c.tokens_fed:,}", f"{c.seconds:.1f}"])
         widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-        line = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+
+        def line(cells) -> str:  # names left-aligned, numbers right-aligned
+            return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                             for i, (v, w) in enumerate(zip(cells, widths)))
+
         return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
