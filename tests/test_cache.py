@@ -596,7 +596,7 @@ def test_unpadded_batch_with_eviction_equals_rows_run_alone():
         (dict(budget=64, policy="no-such-policy"), "policy"),
         (dict(budget=64, policy=object()), "policy"),
         (dict(policy="streaming"), "budget"),
-        (dict(offload="layers"), "offload"),
+        (dict(offload="always"), "offload"),
         (dict(residual=4), "residual"),
         (dict(kv_dtype="int8", residual=-1), "residual"),
     ],

@@ -196,6 +196,15 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         self.observed: dict = {}  # layer_idx -> captured queries; filled by kvcompact.attach
         self._padded: bool | None = None  # None: not declared; see note_attention_mask
         self._init_parking(pool)
+        # offload="layers": every attention layer's storage on the host, streamed per forward.
+        self._streamer = None
+        host_allocator = None
+        if offload == "layers":
+            from kvcompact.cache.offload_layers import LayerStreamer
+
+            attention = sum(compat.is_full(t) or compat.is_windowed(t) for t, _ in kinds)
+            self._streamer = LayerStreamer(pool, attention)
+            host_allocator = self._streamer.allocator
 
         layers = []
         for i, (layer_type, window) in enumerate(kinds):
@@ -219,6 +228,7 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
                         budget=layer_budget,
                         slack=max(1, layer_budget // 8) if layer_budget is not None else 0,
                         layer_idx=i,
+                        host_allocator=host_allocator,
                     )
                 )
             elif layer_type == "dummy" and compat.dummy_layer() is not None:
@@ -226,6 +236,9 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
             else:
                 raise ValueError(f"KVCompactCache: layer type {layer_type!r} is not supported (attention layers only)")
         super().__init__(layers=layers)
+        # The streamed layers in order, for the next-layer prefetch (after the last: the first).
+        self._streamed = [(i, l) for i, l in enumerate(self.layers) if isinstance(l, KVCompactLayer)]
+        self._forward_from_empty = False
 
     @staticmethod
     def _check_args(kv_dtype, group_size, budget, policy, offload, residual, head_dim):
@@ -248,12 +261,8 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
             raise ValueError(f"policy must be None, a name, or an object with keep_indices(...); got {policy!r}")
         if policy is not None and budget is None:
             raise ValueError("policy needs a budget: pass budget=<max tokens per layer>")
-        if offload == "layers":
-            raise ValueError("offload='layers' (every layer on the host, streamed in per forward) is not built yet; "
-                             "use offload='idle' (on the device while used, parked to pinned host memory with "
-                             "cache.park() while idle)")
-        if offload is not None and offload != "idle":
-            raise ValueError(f"offload must be None or 'idle', got {offload!r}")
+        if offload not in (None, "idle", "layers"):
+            raise ValueError(f"offload must be None, 'idle' or 'layers', got {offload!r}")
         return group_size
 
     @staticmethod
@@ -301,10 +310,32 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         layer appends, then, once past ``budget + slack`` (or after a multi-token chunk past
         ``budget``), the policy picks ``keep_idx`` from the K/V attention is about to read and the
         layer compacts in place. The returned K/V still hold this step's pre-eviction tokens, so
-        attention sees exactly what ``get_mask_sizes`` announced.
+        attention sees exactly what ``get_mask_sizes`` announced. With ``offload="layers"`` the same
+        runs on the layer's device copy, staged from the host around it (see
+        :mod:`kvcompact.cache.offload_layers`).
         """
         self._resident("update")
         layer = self.layers[layer_idx]
+        if self._streamer is None or not isinstance(layer, KVCompactLayer):
+            return self._update_layer(layer, key_states, value_states, args, kwargs)[:2]
+        if layer_idx == self._streamed[0][0]:
+            self._forward_from_empty = self.get_seq_length() == 0
+        from kvcompact.offload import PoolExhaustedError
+
+        try:
+            return self._streamer.update(
+                self._streamed, layer_idx, key_states, value_states,
+                lambda: self._update_layer(layer, key_states, value_states, args, kwargs, shrink=False))
+        except PoolExhaustedError:
+            # The host pool (a shared one) cannot take the new tokens. Every used layer was given
+            # room at the forward's first layer, so this is that layer (nothing written yet) or a
+            # layer first used in this forward; a cache that was empty goes back to empty.
+            if self._forward_from_empty:
+                self.reset()
+            raise
+
+    def _update_layer(self, layer, key_states, value_states, args, kwargs, shrink: bool = True):
+        """The update of one layer (and its eviction); returns ``(keys, values, evicted)``."""
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         if isinstance(layer, KVCompactLayer) and layer.wants_eviction(key_states.shape[2]):
             self._check_evictable(layer)
@@ -313,8 +344,9 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
                 # still needs the pre-eviction tokens. One copy per eviction, i.e. per `slack` steps.
                 keys, values = keys.clone(), values.clone()
             keep_idx = self._select(layer, layer.budget, keys, values)
-            layer.evict(keep_idx, validate=not self._trust_keep_idx)
-        return keys, values
+            layer.evict(keep_idx, validate=not self._trust_keep_idx, shrink=shrink)
+            return keys, values, True
+        return keys, values, False
 
     def _select(self, layer: KVCompactLayer, budget: int, keys=None, values=None) -> torch.Tensor:
         """The eviction rule's ``keep_idx`` ``[B, H, K]`` for ``layer``.
@@ -369,14 +401,41 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         """Token counts and byte sizes right now (see :class:`CacheStats`)."""
         attention = [layer for layer in self.layers if isinstance(layer, KVCompactLayer)]
         ws = self.workspace.nbytes
+        if self._streamer is not None:
+            # The storage is on the host; the device holds the two staging slots (0 once parked).
+            device_bytes = self._streamer.device_bytes
+        else:
+            device_bytes = sum(layer.storage.nbytes for layer in attention)
         return CacheStats(
             logical_tokens=self.get_seq_length(),
             physical_tokens=[layer.physical_len if isinstance(layer, KVCompactLayer) else 0 for layer in self.layers],
-            device_bytes=sum(layer.storage.nbytes for layer in attention),
+            device_bytes=device_bytes,
             host_bytes=self._host_bytes(),
             dense_bytes=sum(layer.storage.dense_bytes(layer.physical_len) for layer in attention),
             workspace_bytes=ws,
         )
+
+    def offload_stats(self) -> dict | None:
+        """``offload="layers"`` counters, None otherwise.
+
+        Keys: ``bytes_to_device`` / ``bytes_to_host`` and ``transfers_to_device`` /
+        ``transfers_to_host`` (staging copies and write-backs), ``prefetch_hits`` (updates whose
+        layer was already staged) and ``staged_on_demand`` (copied at the update: a layer that
+        reorganised on the host, the first of a forward after an edit), ``compute_waits`` /
+        ``compute_wait_ms`` (how long the compute stream waited for a staged layer, CUDA),
+        ``copy_time_ms`` (host time of the copies, CPU), ``host_syncs`` (host waits for the copy
+        stream: host-side growth, trims, edits), ``pool_growths``, ``device_slot_bytes``,
+        ``pool_capacity_bytes``.
+        """
+        return self._streamer.stats_dict() if self._streamer is not None else None
+
+    def _host_stores(self) -> list:
+        return [self._streamer.host_store(l) for _, l in self._streamed]
+
+    def _settle_offload(self) -> None:
+        """Before an operation on the storage outside a forward: the host copies become the truth."""
+        if self._streamer is not None:
+            self._streamer.settle()
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         """Logical tokens seen (of the first attention layer by default)."""
@@ -418,7 +477,10 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
 
     def reset(self) -> None:
         """Return to the constructed state: no tokens, no captured queries, no per-run policy state,
-        no padding declaration (see :meth:`note_attention_mask`)."""
+        no padding declaration (see :meth:`note_attention_mask`). With ``offload="layers"`` the
+        device slots are freed too; an owned pool is kept for the next tokens."""
+        if self._streamer is not None:
+            self._streamer.release_slots()
         super().reset()
         self.observed.clear()
         self._padded = None

@@ -33,6 +33,9 @@ __all__ = ["SpanEditsMixin"]
 class SpanEditsMixin:
     """Mixed into :class:`~kvcompact.cache.KVCompactCache` (needs ``self.layers`` and ``self.budget``)."""
 
+    def _settle_offload(self) -> None:
+        """Hook: make the storage's host copies the truth (``offload="layers"``; see the cache)."""
+
     # -- what can be edited ----------------------------------------------------------------------
 
     def _attention_layers(self) -> list[KVCompactLayer]:
@@ -159,10 +162,12 @@ class SpanEditsMixin:
             for layer in layers:
                 layer.open_splice(start, end, new_len, position)
             forward()
+            self._settle_offload()  # offload="layers": the forward's last layer back to its host copy
             wrote = [layer.physical_len - start for layer in layers]
             if any(w != new_len for w in wrote):
                 raise RuntimeError(f"splice: forward() wrote {sorted(set(wrote))} tokens per layer, expected {new_len}")
         except BaseException:
+            self._settle_offload()
             for layer, (snap, rows) in zip(layers, saved):
                 self._roll_back_splice(layer, start, end, new_len, snap, rows)
             raise

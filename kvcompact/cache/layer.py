@@ -55,6 +55,10 @@ class KVCompactLayer(compat.CacheLayerMixin):
         per ``slack`` decode steps rather than every step.
     layer_idx : int or None
         The layer's index in the model (policies use it to find captured queries).
+    host_allocator : callable, optional
+        Keep the storage in host memory from this allocator (``offload="layers"``; see
+        :class:`~kvcompact.cache.storage.TokenStore`). The cache then stages the layer on the
+        device for each update.
     """
 
     is_compileable = False
@@ -69,6 +73,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
         budget: int | None = None,
         slack: int = 1,
         layer_idx: int | None = None,
+        host_allocator=None,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -76,7 +81,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
         self.is_sliding = window is not None
         self.budget = None if self.is_sliding else budget
         self.slack = slack
-        self._store_args = (fmt, group_size, residual, workspace or Workspace())
+        self._store_args = (fmt, group_size, residual, workspace or Workspace(), host_allocator)
         self.reset()
 
     # -- lengths ---------------------------------------------------------------------------------
@@ -167,13 +172,28 @@ class KVCompactLayer(compat.CacheLayerMixin):
         budget, n = self.budget, self.storage.length
         return budget is not None and (n > budget + self.slack or (new_tokens > 1 and n > budget))
 
-    def evict(self, keep_idx: torch.Tensor, validate: bool = True) -> None:
+    def evict(self, keep_idx: torch.Tensor, validate: bool = True, shrink: bool = True) -> None:
         """Keep physical positions ``keep_idx`` (see :meth:`compact`), then give back the capacity a
-        long prompt grew beyond the budget."""
+        long prompt grew beyond the budget (``shrink=False``: the caller does, e.g. on the host copy
+        of an offloaded layer)."""
         self.compact(keep_idx, validate=validate)
-        self.storage.shrink(self.budget)
+        if shrink:
+            self.storage.shrink(self.budget)
 
-    def _update_windowed(self, key_states, value_states, q):
+    def prepare_append(self, q: int) -> bool:
+        """Do now the reallocation (and, for a window, the trim) the next ``update`` of ``q`` tokens
+        would do, so that update only writes rows. Returns whether rows moved (a window trim).
+
+        An offloaded layer runs this on its host copy before staging it: the staging slot cannot
+        grow, and a refused host allocation then happens before anything changed.
+        """
+        if not self.is_initialized:
+            return False
+        moved = self._trim_window(q) if self.is_sliding else False
+        self.storage.reserve(q)
+        return moved
+
+    def _trim_window(self, q: int) -> bool:
         store, window = self.storage, self.window
         visible = min(store.length, window - 1)  # old tokens the new queries may still see
         # Trim lazily (when the buffer would grow, or holds two windows) so the amortised cost of
@@ -182,6 +202,13 @@ class KVCompactLayer(compat.CacheLayerMixin):
             store.keep_last(visible)
             if store.capacity > 4 * (window + q):
                 store._alloc(_round_up(2 * window + q))
+            return True
+        return False
+
+    def _update_windowed(self, key_states, value_states, q):
+        store, window = self.storage, self.window
+        self._trim_window(q)
+        visible = min(store.length, window - 1)
         store.append(key_states, value_states)
         self._logical += q
         return store.view(start=store.length - visible - q, exact_key=key_states, exact_value=value_states)
@@ -250,6 +277,14 @@ class KVCompactLayer(compat.CacheLayerMixin):
         """Re-rotate the keys at physical rows ``[start, end)`` by ``delta`` positions."""
         if self.is_initialized:
             self.storage.rotate_keys(start, end, delta, inv_freq, style)
+
+    def mark(self) -> tuple:
+        """The layer's own lengths, raw (no device read-back): for :meth:`rewind`."""
+        return self._logical, self._tail
+
+    def rewind(self, mark: tuple) -> None:
+        """Put back what :meth:`mark` returned (after an update that failed half-way)."""
+        self._logical, self._tail = mark
 
     def snapshot(self) -> tuple:
         """The host-side bookkeeping, for :meth:`restore` (buffers are backed up by the caller)."""
@@ -347,8 +382,8 @@ class KVCompactLayer(compat.CacheLayerMixin):
 
     def reset(self) -> None:
         """Drop all tokens (buffers freed); the layer is re-initialised by its next update."""
-        fmt, group_size, residual, workspace = self._store_args
-        self.storage = TokenStore(fmt, group_size, residual, workspace)
+        fmt, group_size, residual, workspace, host_allocator = self._store_args
+        self.storage = TokenStore(fmt, group_size, residual, workspace, host_allocator)
         self._logical = 0
         self._tail = 0  # see tail_contiguous; an int, or a device scalar after an eviction
         self.is_initialized = False
@@ -402,6 +437,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
             return None, None
         if self.storage.released:
             raise RuntimeError("the cache is parked (its buffers are in host memory): call cache.resume() first")
+        self.storage.wait_pending()  # an offloaded layer's host copy may still be receiving rows
         return self.storage.view(fresh=True)
 
     def __repr__(self):

@@ -19,6 +19,12 @@ Host memory comes from the ``pool`` given at construction (shared with other cac
 a pool the cache allocates at its first park, sized for its buffers, and reuses for every later
 park (replaced by one of at least twice the capacity when the buffers outgrow it).
 
+* ``offload="layers"``: the storage already lives in pinned host memory (see
+  :mod:`kvcompact.cache.offload_layers`), so ``park`` moves nothing: it frees the two device
+  staging slots and the workspace (``device_bytes`` -> 0) and returns 0; ``resume`` only clears
+  the flag, and any use resumes by itself (the next forward re-allocates the slots). ``park(pool=...)``
+  with another pool raises ``ValueError``: the storage stays in the cache's own pool.
+
 Example
 -------
 >>> import torch, transformers
@@ -78,7 +84,10 @@ class ParkingMixin:
     @property
     def pool(self):
         """The :class:`~kvcompact.offload.PinnedPool` parked buffers go to (None before the first
-        park of a cache built without ``pool=``)."""
+        park of a cache built without ``pool=``). With ``offload="layers"``: the pool holding the
+        storage (None before the first update of a cache built without ``pool=``)."""
+        if self._streamer is not None:
+            return self._streamer.pool
         return self._pool
 
     @property
@@ -96,6 +105,8 @@ class ParkingMixin:
             self._transfer = None
 
     def _host_bytes(self) -> int:
+        if self._streamer is not None:
+            return self._streamer.host_bytes(self._host_stores())
         owned = self._pool.capacity_bytes if (self._owns_pool and self._pool is not None) else 0
         held = self._held_range_bytes if (self._is_parked or self.transfer_in_flight) else 0
         return owned + held
@@ -127,6 +138,8 @@ class ParkingMixin:
         """
         if self._is_parked:
             raise ValueError("park: the cache is already parked; call resume() first")
+        if self._streamer is not None:
+            return self._park_streamed(pool)
         if self.transfer_in_flight:
             raise RuntimeError("park: the previous park/resume copy is still in flight; call cache.wait_transfer() "
                                "first (or resume(non_blocking=False))")
@@ -169,6 +182,8 @@ class ParkingMixin:
         if not self._is_parked:
             raise ValueError("resume: the cache is not parked (park() it first)")
         handle = self._park_handle
+        if self._streamer is not None:
+            handle = None
         if handle is not None:
             restored = self._parker.resume(handle, device=self._park_device, block_current_stream=True)
             super().replace_storage_tensors(restored.tensors)
@@ -180,6 +195,17 @@ class ParkingMixin:
         self._is_parked = False
         if not non_blocking:
             self.wait_transfer()
+
+    def _park_streamed(self, pool) -> int:
+        """``offload="layers"``: the storage is on the host already; free the device side only."""
+        if pool is not None and pool is not self._streamer.pool:
+            self._check_pool(pool)
+            raise ValueError("park: pool= cannot be used with offload='layers': the storage already lives in the "
+                             "cache's own pinned pool (park only frees the device slots)")
+        self._streamer.release_slots()
+        self.workspace.release()
+        self._is_parked = True
+        return 0
 
     def _owned_pool(self):
         return self._pool if self._owns_pool else None
@@ -207,6 +233,12 @@ class ParkingMixin:
         return self._parker
 
     def _discard_parked(self) -> None:
+        if self._streamer is not None:
+            self._is_parked = False
+            return
+        self._discard_parked_copy()
+
+    def _discard_parked_copy(self) -> None:
         """Forget a parked copy (its host ranges return to the pool); the cache is then empty."""
         if self._park_handle is not None:
             self._parker.discard(self._park_handle)
@@ -218,6 +250,11 @@ class ParkingMixin:
 
     def _resident(self, op: str) -> None:
         """Make the buffers usable for ``op``: resume an ``offload="idle"`` cache, refuse otherwise."""
+        if self._streamer is not None:
+            if op != "update":
+                self._streamer.settle()  # the host copies become the truth before the operation
+            self._is_parked = False  # nothing to copy back: the slots come back with the next update
+            return
         if not self._is_parked:
             return
         if self.offload_mode == "idle":
@@ -251,7 +288,18 @@ class ParkingMixin:
         return super().storage_tensors()
 
     def replace_storage_tensors(self, tensors) -> None:
-        if self._is_parked:
+        if self._streamer is not None:
+            self._resident("replace_storage_tensors")
+            if tensors is None:
+                raise ValueError("replace_storage_tensors(None): a cache with offload='layers' keeps its storage in "
+                                 "its pinned pool; use park() to free the device slots")
+            # Copied into the cache's pool, so the storage stays host-resident and counted.
+            specs = [(tuple(t.shape), t.dtype) for t in tensors]
+            homes = self._streamer.host_tensors(specs)
+            for home, t in zip(homes, tensors):
+                home.copy_(t)
+            tensors = homes
+        elif self._is_parked:
             raise RuntimeError("replace_storage_tensors: the cache is parked (its buffers belong to the park); "
                                "call cache.resume() first")
         super().replace_storage_tensors(tensors)

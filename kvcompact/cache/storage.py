@@ -15,6 +15,11 @@ Layout (every tensor is ``[B, H, capacity, ...]``, token dimension 2, rows ``[0,
 Capacity grows geometrically by 1/16 (see ``reserve``) instead of a per-step ``torch.cat`` of the
 whole cache (what ``DynamicCache`` does). The unused tail counts in ``device_bytes``, so it is
 kept small.
+
+Host-resident stores (``offload="layers"``): given a ``host_allocator``, a store keeps every buffer
+in host memory handed out by that allocator (one pinned pool for the whole cache) and runs its
+edits there with the CPU kernels; :meth:`TokenStore.device_twin` builds the store the forward
+uses, over views of a device staging slot (see :mod:`kvcompact.cache.offload_layers`).
 """
 
 from __future__ import annotations
@@ -76,23 +81,35 @@ class TokenStore:
         Newest tokens also kept in full precision (quantized only).
     workspace : Workspace
         The cache-wide dequantization buffer.
+    host_allocator : callable, optional
+        ``host_allocator([(shape, dtype), ...], store) -> [Tensor, ...]``: the store then lives in host
+        memory (``device`` is the CPU whatever the model's device) and every buffer comes from it,
+        all of one (re)allocation in one call, so a refused request changes nothing.
     """
 
-    def __init__(self, fmt: str | None, group_size: int | None, residual: int, workspace: Workspace):
+    def __init__(self, fmt: str | None, group_size: int | None, residual: int, workspace: Workspace,
+                 host_allocator=None):
         self.fmt = fmt
         self.group_size = group_size
         self.residual = residual if fmt is not None else 0
         self.workspace = workspace
+        self.host_allocator = host_allocator
         self.length = 0  # physical tokens held
         self.shadow_len = 0
         self.initialized = False
+        # A staging copy (device_twin) over a fixed slot: it must never reallocate, since the slot,
+        # not the store, owns its memory.
+        self.fixed = False
+        # The CUDA event of the last asynchronous copy into these (host) buffers, or None.
+        self.pending_write = None
 
     # -- allocation ----------------------------------------------------------------------------
 
     def init(self, like: torch.Tensor) -> None:
         """Take B, H, D, dtype and device from ``like`` ``[B, H, *, D]``; allocate nothing yet."""
         self.batch, self.heads, _, self.head_dim = like.shape
-        self.dtype, self.device = like.dtype, like.device
+        self.dtype = like.dtype
+        self.device = torch.device("cpu") if self.host_allocator is not None else like.device
         if self.fmt is not None:
             g = self.group_size or self.head_dim
             if self.head_dim % g:
@@ -114,19 +131,38 @@ class TokenStore:
             "value_scales": ((b, h, cap, self.groups), torch.float32),
         }
 
-    def _alloc(self, cap: int) -> None:
-        """(Re)allocate the token buffers to ``cap`` tokens, keeping rows ``[0, length)``."""
-        for name, (shape, dtype) in self._shapes(cap).items():
-            new = torch.empty(shape, dtype=dtype, device=self.device)
-            old = getattr(self, name, None)
-            if old is not None and self.length:
-                new[:, :, : self.length].copy_(old[:, :, : self.length])
-            setattr(self, name, new)
-        self.capacity = cap
-        if self.residual and getattr(self, "key_shadow", None) is None:
+    def layout(self, cap: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """``(name, shape, dtype)`` of every buffer at capacity ``cap``: token buffers, then shadows."""
+        out = [(name, shape, dtype) for name, (shape, dtype) in self._shapes(cap).items()]
+        if self.residual:
             shape = (self.batch, self.heads, 2 * self.residual, self.head_dim)
-            self.key_shadow = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self.value_shadow = torch.empty(shape, dtype=self.dtype, device=self.device)
+            out += [("key_shadow", shape, self.dtype), ("value_shadow", shape, self.dtype)]
+        return out
+
+    def _new_tensors(self, specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+        if self.host_allocator is not None:
+            return self.host_allocator(specs, self)
+        return [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
+
+    def _alloc(self, cap: int, copy: bool = True) -> None:
+        """(Re)allocate the token buffers to ``cap`` tokens, keeping rows ``[0, length)`` (unless
+        ``copy=False``: the caller rewrites them). Everything is allocated before anything is
+        replaced, so a refused allocation (``PoolExhaustedError``) leaves the store as it was."""
+        if self.fixed:
+            raise RuntimeError("TokenStore: a staging copy cannot reallocate (its slot owns the memory)")
+        specs = list(self._shapes(cap).items())
+        add_shadow = self.residual and getattr(self, "key_shadow", None) is None
+        shadow_shape = (self.batch, self.heads, 2 * self.residual, self.head_dim)
+        want = [spec for _, spec in specs] + ([(shadow_shape, self.dtype)] * 2 if add_shadow else [])
+        new = self._new_tensors(want)
+        for (name, _), t in zip(specs, new):
+            old = getattr(self, name, None)
+            if copy and old is not None and self.length:
+                t[:, :, : self.length].copy_(old[:, :, : self.length])
+            setattr(self, name, t)
+        self.capacity = cap
+        if add_shadow:
+            self.key_shadow, self.value_shadow = new[len(specs):]
 
     def reserve(self, extra: int) -> None:
         """Make room for ``extra`` more tokens.
@@ -141,17 +177,24 @@ class TokenStore:
             grown = self.capacity + self.capacity // 16 if self.capacity else 0
             self._alloc(_round_up(max(need, grown)))
 
-    def shrink(self, tokens: int) -> None:
+    def shrink(self, tokens: int, copy: bool = True) -> bool:
         """Give back capacity beyond ``tokens`` when it is at least twice what is needed.
 
         Called after a budget eviction: a long prompt grows the buffers to the prompt length,
         and compaction alone would leave that capacity allocated. Reallocating once (one copy of
         the kept tokens) makes the eviction free real memory; the 1.5x hysteresis keeps decode-time
         evictions (which leave about budget + slack of capacity) from reallocating.
+        ``copy=False`` leaves the new buffers unwritten (the caller fills rows ``[0, length)``).
+        Returns whether the buffers were reallocated.
         """
-        target = _round_up(max(tokens, self.length))
-        if 2 * self.capacity > 3 * target:
-            self._alloc(target)
+        if self.wants_shrink(tokens):
+            self._alloc(_round_up(max(tokens, self.length)), copy=copy)
+            return True
+        return False
+
+    def wants_shrink(self, tokens: int) -> bool:
+        """Whether :meth:`shrink` (``tokens``) would reallocate."""
+        return 2 * self.capacity > 3 * _round_up(max(tokens, self.length))
 
     # -- the hot path --------------------------------------------------------------------------
 
@@ -227,6 +270,10 @@ class TokenStore:
     def token_tensors(self) -> list[torch.Tensor]:
         """Every ``[B, H, cap, ...]`` buffer, in the order compaction should see them."""
         return [getattr(self, name) for name in self._shapes(0)]
+
+    def token_names(self) -> list[str]:
+        """Names of :meth:`token_tensors` (the buffers indexed by token; shadows excluded)."""
+        return list(self._shapes(0))
 
     def compact(self, keep_idx: torch.Tensor, validate: bool = True) -> None:
         """Keep physical rows ``keep_idx`` ``[B, H, K]`` (int64, strictly increasing per row), in place.
@@ -376,9 +423,41 @@ class TokenStore:
         if not self.initialized:
             return
         names = self.buffer_names()
-        for name in names:
-            setattr(self, name, fn(getattr(self, name)))
+        mapped = [fn(getattr(self, name)) for name in names]
+        if self.host_allocator is not None:  # keep host-resident buffers in the cache's pool
+            homes = self.host_allocator([(tuple(t.shape), t.dtype) for t in mapped], self)
+            for home, t in zip(homes, mapped):
+                home.copy_(t)
+            mapped = homes
+        for name, t in zip(names, mapped):
+            setattr(self, name, t)
         self.batch = getattr(self, names[0]).shape[0]
+
+    # -- host residency (offload="layers") ------------------------------------------------------
+
+    def wait_pending(self) -> None:
+        """Block until the last asynchronous copy into these buffers has landed (no-op on CPU)."""
+        if self.pending_write is not None:
+            self.pending_write.synchronize()
+            self.pending_write = None
+
+    def device_twin(self, carve, device, capacity: int) -> "TokenStore":
+        """A store with this one's layout and lengths over memory ``carve`` hands out.
+
+        ``carve(shape, dtype) -> Tensor`` returns views of a staging slot on ``device``; the twin
+        has ``capacity`` token rows (at least ``length``), shares the workspace, and refuses to
+        reallocate. Its contents are the caller's to copy in.
+        """
+        twin = TokenStore(self.fmt, self.group_size, self.residual, self.workspace)
+        twin.batch, twin.heads, twin.head_dim, twin.dtype = self.batch, self.heads, self.head_dim, self.dtype
+        if self.fmt is not None:
+            twin.groups = self.groups
+        twin.device = torch.device(device)
+        for name, shape, dtype in self.layout(capacity):
+            setattr(twin, name, carve(shape, dtype))
+        twin.capacity, twin.length, twin.shadow_len = capacity, self.length, self.shadow_len
+        twin.initialized, twin.fixed = True, True
+        return twin
 
     # -- accounting ----------------------------------------------------------------------------
 
