@@ -6,14 +6,18 @@ a bounded loop, and stopped by its own pid.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,3 +110,39 @@ class Server:
         status, text, _ = self.request("GET", "/metrics")
         assert status == 200, text
         return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(kvcompact_\S+) (\S+)$", text, flags=re.M)}
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_model_dir() -> Path:
+    """A folder holding :func:`save_tiny_model`'s model, saved once per test process (removed at exit)."""
+    folder = Path(tempfile.mkdtemp(prefix="kvcompact-tiny-serve-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return save_tiny_model(folder / "tiny")
+
+
+def save_tiny_model(folder: Path, max_context: int = 4096) -> Path:
+    """Save a seeded tiny random Llama with the real SmolLM2 tokenizer (and chat template) to ``folder``.
+
+    ``kvcompact serve --model <folder>`` then starts in a couple of seconds and answers a request in
+    milliseconds, so long loops of requests (soak, concurrency, fuzz) run on it; its replies are
+    random-looking text, but greedy decoding makes them reproducible. Skips (through the tokenizer
+    helper) when the SmolLM2 tokenizer is unavailable.
+    """
+    from agent_fixtures import smollm2_tokenizer, tiny_llama
+
+    tok = smollm2_tokenizer()
+    model = tiny_llama(len(tok))
+    model.config.max_position_embeddings = max_context
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process ``pid`` in KiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS line in /proc/{pid}/status")

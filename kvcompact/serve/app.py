@@ -42,6 +42,28 @@ class ClientGone(Exception):
     """Raised inside the model thread when a streaming client disconnected: the reply rolls back."""
 
 
+MIN_BODY_BYTES = 1 << 20  # the body limit's floor (1 MiB), whatever the model's context
+BODY_BYTES_PER_TOKEN = 64  # far above what JSON text spends per token, escapes and tool schemas included
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 once it passes ``limit`` bytes.
+
+    A body that large cannot fit the context, and parsing and tokenizing it would hold the model
+    thread for seconds to minutes. The rest of an oversized body is still read (and discarded) so
+    the client, still sending, gets the 413 rather than a reset connection.
+    """
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise APIError(413, f"the request body is {size} bytes; this server takes at most {limit} bytes "
+                       "(far more than the model's context holds)", code="request_too_large")
+    return b"".join(chunks)
+
+
 def _error_response(err: APIError, headers: dict | None = None) -> JSONResponse:
     """The one place an error body is made (every handler below ends here)."""
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
@@ -156,7 +178,7 @@ def _sse(obj) -> str:
 
 
 def create_app(manager, *, model_name: str, api_key: str | None = None, max_context: int | None = None,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, max_body_bytes: int | None = None) -> FastAPI:
     """The OpenAI-compatible app serving ``manager``'s model.
 
     Parameters
@@ -173,6 +195,9 @@ def create_app(manager, *, model_name: str, api_key: str | None = None, max_cont
         ``max_position_embeddings``.
     default_max_tokens : int
         Reply length limit of a request without ``max_tokens`` / ``max_completion_tokens``.
+    max_body_bytes : int, optional
+        A chat request body longer than this is answered 413 before it is parsed. Default:
+        ``max(1 MiB, 64 bytes * max_context)``, far more than any prompt that fits the context.
 
     Returns
     -------
@@ -189,6 +214,11 @@ def create_app(manager, *, model_name: str, api_key: str | None = None, max_cont
         raise ValueError(f"create_app: max_context must be an int >= 2 (tokens), got {max_context!r}")
     if isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int) or default_max_tokens < 1:
         raise ValueError(f"create_app: default_max_tokens must be an int >= 1, got {default_max_tokens!r}")
+
+    if max_body_bytes is None:
+        max_body_bytes = max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_context)
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"create_app: max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
 
     state = _State(manager, model_name, api_key, max_context, default_max_tokens)
     app = FastAPI(title="kvcompact serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -276,7 +306,7 @@ def create_app(manager, *, model_name: str, api_key: str | None = None, max_cont
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = protocol.parse_chat_request(await request.body())
+        req = protocol.parse_chat_request(await _read_body(request, max_body_bytes))
         header = request.headers.get(SESSION_HEADER)
         for param, value in ((SESSION_HEADER, header), ("user", req.user)):
             if value is not None and not _SESSION_ID.match(value):

@@ -96,7 +96,8 @@ class ChatRequest(_Model):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: Union[StrictFloat, StrictInt, None] = Field(default=None, ge=0, le=2)
     top_p: Union[StrictFloat, StrictInt, None] = Field(default=None, gt=0, le=1)
-    seed: StrictInt | None = None
+    # torch's generators take a seed in [-2**63, 2**64): outside it the sampler cannot be seeded.
+    seed: StrictInt | None = Field(default=None, ge=-(1 << 63), le=(1 << 64) - 1)
     stop: Union[StrictStr, list[StrictStr], None] = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -119,12 +120,27 @@ def _param(loc: tuple) -> str:
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
+def _check_unicode(data) -> None:
+    """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode text: the tokenizer
+    cannot encode it, so it is refused here, before anything is routed (a 400, not a server error)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"the request body holds a lone UTF-16 surrogate escape ({err.reason}); strings "
+                       "must be valid Unicode text", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
+
+
 def parse_chat_request(raw: bytes) -> ChatRequest:
     """Parse and validate a request body; :class:`APIError` (400) naming the field otherwise."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
+    _check_unicode(data)
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")
