@@ -222,7 +222,7 @@ CATALOGUE = [
     ("cache residual negative", ValueError, "residual", lambda: _cache(kv_dtype="int8", residual=-1)),
     ("cache policy without budget", ValueError, "budget", lambda: _cache(policy="streaming")),
     ("cache policy object", ValueError, "policy", lambda: _cache(budget=64, policy=object())),
-    ("cache offload", ValueError, "offload", lambda: _cache(offload="layers")),
+    ("cache offload layers pool", ValueError, "pool", lambda: _cache(offload="layers", pool=object())),
     ("cache offload unknown", ValueError, "offload", lambda: _cache(offload="always")),
     ("cache pool not a pool", ValueError, "pool", lambda: _cache(offload="idle", pool=object())),
     ("cache resume not parked", ValueError, "park", lambda: _cache(offload="idle").resume()),

@@ -119,15 +119,16 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         keep_idx [B, H, K]`` (``kvcompact.policies.Policy``); its ``validate(budget, num_layers)``
         is called here, so a bad budget fails at construction. Per-layer budgets (a policy whose
         ``layer_budget`` differs by layer, e.g. a pyramid schedule) are refused: see Notes.
-    offload : {None, "idle"}
+    offload : {None, "idle", "layers"}
         What using a parked cache does (every cache can :meth:`park` / :meth:`resume`; see
         :mod:`kvcompact.cache.parking`). ``"idle"``: the cache lives on the device while used and
         goes to pinned host memory while idle; ``update`` (a forward, ``generate``), ``crop``,
         span edits and exports on a parked cache resume it first, so a model may run on it as
         if it had never left (same tokens). None: the cache moves only when told, and those
-        operations on a parked cache raise ``RuntimeError`` until :meth:`resume`. ``"layers"``
-        (every layer on the host, streamed in during the forward) is not built yet and raises
-        ``ValueError``.
+        operations on a parked cache raise ``RuntimeError`` until :meth:`resume`. ``"layers"``:
+        every layer's storage lives in pinned host memory (one pool) and is streamed through two
+        device slots during the forward, the next layer prefetched on a side stream while the
+        current one computes; see :mod:`kvcompact.cache.offload_layers`.
     pool : kvcompact.offload.PinnedPool, optional
         Pinned host memory to park into, shared with other caches or sessions. Default: the
         cache allocates one sized for its buffers at its first park and reuses it (growing it
