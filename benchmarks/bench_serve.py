@@ -267,7 +267,7 @@ class Server:
 
     def __enter__(self) -> "Server":
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench_serve_{self.mode}_", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "kvcompact", "serve", "--reuse", self.mode, "--host", "127.0.0.1",
+        cmd = [sys.executable, "-P", "-m", "kvcompact", "serve", "--reuse", self.mode, "--host", "127.0.0.1",
                "--port", str(self.port), *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout_s

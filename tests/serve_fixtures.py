@@ -37,7 +37,7 @@ class Server:
         self.port = free_port()
         self.api_key = api_key
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvcompact-serve-{self.port}.log"
-        cmd = [sys.executable, "-m", "kvcompact", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-P", "-m", "kvcompact", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
         env = dict(os.environ, HF_HUB_OFFLINE="1", KVCOMPACT_API_KEY="")

@@ -207,7 +207,7 @@ def test_serve_modules_load_only_when_the_command_runs():
         f"assert not any(m in sys.modules for m in {sorted(m[:-3].replace('/', '.') for m in EXTRA_ONLY_MODULES)})\n"
         "sys.exit(kvcompact.cli.main(['serve', '--port', '9']))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 1, out.stderr
     assert 'pip install "kvcompact[serve]"' in out.stderr
 
