@@ -20,7 +20,18 @@ kvcompact layer offload (LayerPrefetcher, KV in a PinnedPool), and the same
 model in transformers with (c) DynamicCache and (d) DynamicCache(offloading=True)
 (skipped when the installed transformers lacks it).
 
+Cache decode (every device): ms per decode token of a transformers model with random weights and
+a real config at ``--cache-contexts`` tokens of context (default 1k, 4k, 16k; ``--quick``: 1k, 4k),
+side by side: ``KVCompactCache`` on the device (the ceiling), ``KVCompactCache(offload="layers")``,
+transformers' ``DynamicCache`` and ``DynamicCache(offloading=True)`` (CUDA only: it uses CUDA
+streams). Columns: the ratio to the on-device KVCompactCache, and offload="layers" against
+transformers' offloaded cache. On CUDA each row also reports ``torch.cuda.max_memory_allocated``
+during the decode steps minus the weights, beside the cache's own accounting (two layer slots plus
+the workspace). Model: SmolLM2-135M's config on CPU, a Llama-3.1-8B-shaped one (``--layers`` layers)
+on CUDA (``--cache-model``).
+
     python benchmarks/bench_offload.py [--quick] [--device auto|cpu|cuda] [--json PATH]
+    python benchmarks/bench_offload.py --only-cache-decode --cache-contexts 1024,4096 --device cpu
 """
 
 from __future__ import annotations
@@ -394,6 +405,133 @@ def print_decode_table(rows: list[dict]) -> None:
               f"| {f'{wait:.3f}' if wait is not None else '-'} |")
 
 
+# --- cache decode: KVCompactCache(offload="layers") against the device and transformers -----
+
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True)
+LLAMA_8B_CONFIG = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       intermediate_size=14336, vocab_size=1024, rope_theta=500000.0)
+
+
+def _cache_model(kind: str, layers: int | None, context: int, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(SMOLLM2_135M if kind == "smollm2" else LLAMA_8B_CONFIG)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    elif kind == "llama8b":
+        cfg["num_hidden_layers"] = 8
+    config = LlamaConfig(**cfg, max_position_embeddings=max(8192, 2 * context))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    return model, config
+
+
+def _decode_ms(model, cache, ids, steps: int, device) -> tuple[list[float], int]:
+    """Prefill ``ids`` in chunks, then time ``steps`` single-token forwards; returns (ms list, peak bytes)."""
+    chunk = 2048
+    with torch.no_grad():
+        for a in range(0, ids.shape[1], chunk):
+            model(input_ids=ids[:, a:a + chunk], **compat.cache_kwargs(cache), use_cache=True)
+        nxt = ids[:, -1:]
+        model(input_ids=nxt, **compat.cache_kwargs(cache), use_cache=True)  # warm-up step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=nxt, **compat.cache_kwargs(cache), use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return times, peak
+
+
+def bench_cache_decode(device, contexts: list[int], steps: int, kind: str, layers: int | None,
+                       kv_dtype: str | None = None) -> list[dict]:
+    from transformers import DynamicCache
+
+    from kvcompact import KVCompactCache
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    has_offloading = "offloading" in inspect.signature(DynamicCache.__init__).parameters
+    rows = []
+    for ctx in contexts:
+        model, config = _cache_model(kind, layers, ctx, device, dtype)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        ids = torch.randint(0, config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0)).to(device)
+        variants = [
+            ("KVCompactCache (on device)", lambda: KVCompactCache(config, kv_dtype=kv_dtype)),
+            ("KVCompactCache(offload='layers')", lambda: KVCompactCache(config, kv_dtype=kv_dtype, offload="layers")),
+            ("transformers DynamicCache", lambda: DynamicCache(config=config)),
+            ("transformers DynamicCache(offloading=True)", lambda: DynamicCache(config=config, offloading=True)),
+        ]
+        base = None
+        by_name = {}
+        for name, make in variants:
+            row = dict(context=ctx, variant=name, model=kind, layers=config.num_hidden_layers,
+                       kv_dtype=kv_dtype or "model dtype")
+            if "offloading" in name and (device.type != "cuda" or not has_offloading):
+                row["skipped"] = ("transformers' offloading uses CUDA streams" if device.type != "cuda"
+                                  else "DynamicCache has no `offloading` in this transformers")
+                rows.append(row)
+                continue
+            cache = make()
+            times, peak = _decode_ms(model, cache, ids, steps, device)
+            row["ms"] = statistics.median(times)
+            if device.type == "cuda":
+                row["decode_peak_bytes_over_weights"] = peak - weights
+            if isinstance(cache, KVCompactCache):
+                st = cache.stats()
+                row["cache_device_bytes"] = st.device_bytes
+                row["cache_workspace_bytes"] = st.workspace_bytes
+                row["cache_host_bytes"] = st.host_bytes
+                off = cache.offload_stats()
+                if off is not None:
+                    row["compute_wait_ms_per_step"] = off["compute_wait_ms"] / max(1, off["prefetch_hits"] //
+                                                                                     config.num_hidden_layers)
+                    row["staged_on_demand"] = off["staged_on_demand"]
+            if base is None:
+                base = row["ms"]
+            row["vs_on_device"] = row["ms"] / base
+            by_name[name] = row
+            rows.append(row)
+            del cache
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        ours = by_name.get("KVCompactCache(offload='layers')")
+        hf_off = by_name.get("transformers DynamicCache(offloading=True)")
+        if ours is not None and hf_off is not None:
+            ours["vs_transformers_offloaded"] = ours["ms"] / hf_off["ms"]
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_cache_decode_table(rows: list[dict]) -> None:
+    print("\n## Cache decode (median ms/token; ceiling = KVCompactCache on the device)\n")
+    print("| context | variant | ms/token | vs on device | vs transformers offloaded | cache device bytes "
+          "| workspace | decode peak over weights |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r.get("skipped"):
+            print(f"| {r['context']} | {r['variant']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        vt = r.get("vs_transformers_offloaded")
+        dev, ws, peak = (r.get(k) for k in ("cache_device_bytes", "cache_workspace_bytes",
+                                           "decode_peak_bytes_over_weights"))
+        print(f"| {r['context']} | {r['variant']} | {r['ms']:.1f} | {r['vs_on_device']:.2f}x "
+              f"| {f'{vt:.2f}x' if vt is not None else '-'} | {dev if dev is not None else '-'} "
+              f"| {ws if ws is not None else '-'} | {peak if peak is not None else '-'} |")
+
+
 # --- main --------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -411,6 +549,15 @@ def main(argv=None) -> int:
     p.add_argument("--park-tokens", type=int, default=None, help="tokens of the parked cache")
     p.add_argument("--decode-smoke", action="store_true",
                    help="run the decode section on any device with a tiny config (checks the code)")
+    p.add_argument("--cache-contexts", default=None,
+                   help="comma-separated contexts of the cache decode section (default 1024,4096,16384; "
+                        "--quick: 1024,4096)")
+    p.add_argument("--cache-model", default=None, choices=["smollm2", "llama8b"],
+                   help="config of the cache decode model (default: smollm2 on CPU, llama8b on CUDA)")
+    p.add_argument("--cache-steps", type=int, default=None, help="timed decode steps per cache decode row")
+    p.add_argument("--cache-kv-dtype", default=None, help="kv_dtype of the KVCompactCache rows (default: model dtype)")
+    p.add_argument("--skip-cache-decode", action="store_true")
+    p.add_argument("--only-cache-decode", action="store_true", help="run only the cache decode section")
     args = p.parse_args(argv)
 
     if args.device == "auto":
@@ -435,16 +582,30 @@ def main(argv=None) -> int:
           f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
           f"{torch.get_num_threads()} torch threads")
 
-    copy_rows = bench_copies(device, total_mib, blocks, reps, per_block_limit=20000)
-    print_copy_table(copy_rows)
+    copy_rows, park_rows = [], []
+    if not args.only_cache_decode:
+        copy_rows = bench_copies(device, total_mib, blocks, reps, per_block_limit=20000)
+        print_copy_table(copy_rows)
 
-    park_layers = args.park_layers or (4 if quick or device.type == "cpu" else 32)
-    park_tokens = args.park_tokens or (2048 if quick else (4096 if device.type == "cpu" else 16384))
-    park_rows = bench_park(device, park_layers, park_tokens, reps)
-    print_park_table(park_rows)
+        park_layers = args.park_layers or (4 if quick or device.type == "cpu" else 32)
+        park_tokens = args.park_tokens or (2048 if quick else (4096 if device.type == "cpu" else 16384))
+        park_rows = bench_park(device, park_layers, park_tokens, reps)
+        print_park_table(park_rows)
+
+    cache_rows = []
+    if not args.skip_cache_decode:
+        if args.cache_contexts:
+            cctx = [int(c) for c in args.cache_contexts.split(",")]
+        else:
+            cctx = [1024, 4096] if quick else [1024, 4096, 16384]
+        kind = args.cache_model or ("llama8b" if device.type == "cuda" else "smollm2")
+        csteps = args.cache_steps or (8 if quick else 16)
+        cache_rows = bench_cache_decode(device, cctx, csteps, kind, args.layers if kind == "llama8b" else None,
+                                        args.cache_kv_dtype)
+        print_cache_decode_table(cache_rows)
 
     decode_rows = []
-    if not args.skip_decode and (device.type == "cuda" or args.decode_smoke):
+    if not args.only_cache_decode and not args.skip_decode and (device.type == "cuda" or args.decode_smoke):
         if args.decode_smoke:
             cfg = dict(hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=512)
             layers, contexts, steps = 3, [64], 3
@@ -463,7 +624,8 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump(dict(machine=machine, torch=torch.__version__, threads=torch.get_num_threads(),
                        device=str(device), quick=quick,
-                       build=kvcompact.build_info(), copies=copy_rows, park=park_rows, decode=decode_rows), f,
+                       build=kvcompact.build_info(), copies=copy_rows, park=park_rows, decode=decode_rows,
+                       cache_decode=cache_rows), f,
                   indent=1)
     print(f"\nJSON: {args.json}")
     return 0

@@ -453,3 +453,65 @@ def test_layers_offload_device_holds_at_most_two_layers(kv_dtype):
     s = cache.stats()
     assert s.host_bytes >= total  # every layer's storage is on the host
     assert s.host_bytes == cache.pool.capacity_bytes  # the cache's own pool, counted whole
+
+
+# -- the CUDA code path, driven on the CPU with stand-in streams and events -------------------------
+
+
+class _Event:
+    def __init__(self, *args, **kwargs):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _Stream:
+    waits = 0
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, event):
+        assert event.recorded, "a stream waited on an event that was never recorded"
+        _Stream.waits += 1
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _TorchWithFakeCuda:
+    def __init__(self):
+        import contextlib
+        import types
+
+        self.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, stream=lambda s: contextlib.nullcontext(),
+                                          current_stream=lambda device=None: _Stream())
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", dict(kv_dtype="int8", residual=4)), ("gemma2", dict(budget=16))])
+def test_the_asynchronous_path_runs_and_stays_exact(monkeypatch, arch, kw):
+    """No GPU here: the stream/event branch (what runs on CUDA) with copies done at once, so its
+    bookkeeping (events recorded before they are awaited, write-back events, slot growth) runs."""
+    monkeypatch.setattr(offload_layers, "torch", _TorchWithFakeCuda())
+    monkeypatch.setattr(offload_layers, "is_async", lambda device: True)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    model = _model(arch)
+    want = _turns(model, KVCompactCache(model.config, **kw))
+    _Stream.waits = 0
+    cache = KVCompactCache(model.config, offload="layers", **kw)
+    assert torch.equal(_turns(model, cache), want)
+    assert _Stream.waits > 0 and cache._streamer._async
+    assert all(s.pending_write is None or s.pending_write.recorded for s in _host_stores(cache))
