@@ -11,6 +11,8 @@
 # 4. runs each GPU benchmark under benchmarks/ that exists (bench_quantize.py,
 #    bench_compact.py, bench_offload.py, bench_cache.py) with --device cuda and
 #    --quick where supported, JSON beside its log;
+# 4b. runs the offload="layers" cache decode at 16k context (bench_offload.py
+#    --only-cache-decode), printing torch.cuda.max_memory_allocated;
 # 5. runs compute-sanitizer memcheck, racecheck and synccheck over the CUDA kernel
 #    tests (tests/test_*cuda*.py) at small sizes, with torch's caching allocator
 #    off so out-of-bounds accesses hit real allocation edges (after the
@@ -167,6 +169,15 @@ for bench in bench_quantize bench_compact bench_offload bench_cache; do
   fi
   run_step "$bench ${args[*]:0:3}" 150 "$LOGS/$bench.log" "$PY" "$file" "${args[@]}"
 done
+
+# --- 4b. offload="layers" decode at 16k context ------------------------------------------
+# KVCompactCache(offload="layers") against the same cache on the device and transformers'
+# DynamicCache(offloading=True), Llama-3.1-8B-shaped (8 layers, bf16); prints
+# torch.cuda.max_memory_allocated during the decode steps beside the cache's own accounting
+# (two layer slots + workspace).
+run_step "offload=layers decode 16k" 150 "$LOGS/offload_layers_decode.log" \
+  "$PY" benchmarks/bench_offload.py --device cuda --only-cache-decode --cache-contexts 16384 \
+  --cache-steps 16 --json "$LOGS/offload_layers_decode.json"
 
 # --- 5. sanitizers -------------------------------------------------------------------
 SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"

@@ -15,6 +15,14 @@ Idle offload (an agent waiting on a tool; a runnable version is in :mod:`kvcompa
 >>> cache.stats().device_bytes, cache.stats().host_bytes > 0
 (0, True)
 >>> out = model.generate(out, cache=cache, max_new_tokens=32)   # resumes itself first
+
+Layer offload (KV in pinned host memory, two layers on the device; see :mod:`kvcompact.cache.offload_layers`)
+------------------------------------------------------------------------------------------------------------
+>>> cache = KVCompactCache(model.config, kv_dtype="int8", offload="layers")
+>>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)   # same tokens as without offload
+>>> s = cache.stats()      # device_bytes: the two staging slots, whatever the context length
+>>> s.host_bytes == cache.pool.capacity_bytes        # every layer's storage, in the cache's own pool
+True
 """
 
 from __future__ import annotations
@@ -134,6 +142,11 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         cache allocates one sized for its buffers at its first park and reuses it (growing it
         geometrically if the buffers outgrew it). A shared pool too small for the cache makes
         :meth:`park` raise ``PoolExhaustedError`` and leaves the cache on the device, unchanged.
+        With ``offload="layers"`` the pool holds the storage itself (default: the cache's own,
+        sized at the first update and doubled when full); a shared pool too small raises
+        ``PoolExhaustedError`` at the first layer of the forward, before any layer changed (a
+        cache that was empty stays empty), and the cache stays usable once there is room.
+        ``park()`` then frees only the device slots (nothing moves) and returns 0.
     residual : int
         Newest tokens per layer also kept in full precision (quantized formats only).
 

@@ -9,9 +9,11 @@ Pieces
     Batched block copies in any direction on the current stream (the primitive
     everything here uses).
 :class:`LayerPrefetcher`
-    ``offload="layers"``: every layer's KV stays on the host; two device slots
-    alternate, layer ``i + 1`` copied on a side stream while layer ``i``
-    computes, ordered with events against the *current* stream.
+    A standalone layer pipeline over fixed host tensors: every layer's KV stays
+    on the host; two device slots alternate, layer ``i + 1`` copied on a side
+    stream while layer ``i`` computes, ordered with events against the
+    *current* stream (``KVCompactCache(offload="layers")`` has its own streamer,
+    see below).
 :class:`SessionParker`
     ``offload="idle"``: ``park(tensors) -> ParkHandle`` moves a whole cache to
     the pool asynchronously (the device tensors may be dropped at once);
@@ -24,36 +26,21 @@ the same calls, so CI exercises the logic.
 
 Integration with ``KVCompactCache``
 -----------------------------------
-``offload="idle"`` is built (``kvcompact/cache/parking.py``): ``cache.park()`` /
-``cache.resume()`` drive a :class:`SessionParker` over the cache's
-``storage_tensors()``, and ``Session.park`` / ``Session.tool_call`` use them.
-``offload="layers"`` is not built yet (the cache refuses it); the plan:
+``offload="idle"`` (``kvcompact/cache/parking.py``): ``cache.park()`` / ``cache.resume()`` drive a
+:class:`SessionParker` over the cache's ``storage_tensors()``; ``Session.park`` /
+``Session.tool_call`` use them. An agent session parks while it waits on a tool and resumes before
+the next ``generate``; ``handle.done()`` lets a scheduler overlap the resume with another
+session's decode.
 
-``offload="layers"``
-    At construction (or lazy initialization, once buffer shapes are known) the
-    cache allocates each layer's preallocated buffers (keys, values and, when
-    quantized, their scales; ``[B, H, T_max, D]``) from one ``PinnedPool`` sized
-    with :func:`kvcompact.memory` estimates, and builds
-    ``LayerPrefetcher(host_layers, device, extent=lambda i: (…, slice(0, length_i)))``
-    so only valid tokens move. In ``layer.update(k, v)`` for layer ``i``:
-    ``k_buf, v_buf = prefetcher.acquire(i)``; append the new tokens into the
-    device views (quantize_into_); return views for attention; then, as the
-    next layer's ``update`` starts (or in a post-forward hook),
-    ``prefetcher.release(i, writeback=(…, slice(t0, t1)))`` writes back only the
-    appended tokens. Compaction (``compact_``) on an offloaded layer runs on the
-    acquired device views followed by ``release(i, writeback=True)``, or on the
-    host tensors directly after ``prefetcher.synchronize()`` plus
-    ``prefetcher.invalidate(i)``. ``cache.stats()`` adds
-    ``prefetcher.stats_dict()`` (device staging bytes, host bytes, bytes moved,
-    stall time).
-``offload="idle"`` (as built)
-    ``cache.park()`` calls ``SessionParker.park(all layer tensors)`` and drops
-    the device tensors (device memory is freed once the copy has read them);
-    ``cache.resume()`` calls ``SessionParker.resume(handle)`` and re-binds the
-    returned tensors to the layers. An agent session parks while it waits on a
-    tool and resumes before the next ``generate``; ``handle.done()`` lets a
-    scheduler overlap the resume with another session's decode
-    (``block_current_stream=False`` then ``wait_stream()`` before use).
+``offload="layers"`` (``kvcompact/cache/offload_layers.py``, ``LayerStreamer``): every layer's
+``TokenStore`` lives in host memory from one :class:`PinnedPool` and is staged per update into one
+of two device slots; the next layer is copied on a side stream while the current one computes
+(events only), and only the appended rows go back. It does not use :class:`LayerPrefetcher`:
+that class fixes each layer's host tensors and the slot sizes at construction, while a cache's
+layers grow, shrink after evictions and are reorganised by window trims and edits; the streamer
+re-carves its slots per layer and checks, per update, that the staged copy still matches the host
+one. Both share this package's copy helpers (``copy_index_``: one batched ``copy_blocks_`` per
+tensor) and :class:`OffloadStats`. ``cache.offload_stats()`` reports them.
 
 Safety rules the classes enforce or document
 --------------------------------------------
