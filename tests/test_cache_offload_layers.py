@@ -152,6 +152,18 @@ def test_crop_reset_and_export_import_match_on_device():
         model.config, kv_dtype="int8")))
 
 
+def test_beam_search_reorders_the_host_copies_like_the_device_ones():
+    model = _model("llama")
+    outs = []
+    for offload in (None, "layers"):
+        c = KVCompactCache(model.config, kv_dtype="int8", offload=offload)
+        with torch.no_grad():
+            outs.append(model.generate(_prompt(), **compat.cache_kwargs(c), max_new_tokens=6, num_beams=3,
+                                       do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+    assert all(c.pool.owns(t) for s in _host_stores(c) for t in s.buffers() if t.numel())  # still in the pool
+
+
 def test_span_edits_on_the_cache_match_on_device():
     from kvcompact.rope import rope_params
 
