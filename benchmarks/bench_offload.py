@@ -429,32 +429,33 @@ def _cache_model(kind: str, layers: int | None, context: int, device, dtype):
     return model, config
 
 
-def _decode_ms(model, cache, ids, steps: int, device) -> tuple[list[float], int]:
-    """Prefill ``ids`` in chunks, then time ``steps`` single-token forwards; returns (ms list, peak bytes)."""
+def _prefill(model, cache, ids) -> torch.Tensor:
+    """Feed ``ids`` in chunks plus one warm-up decode token; returns the token the timed steps feed."""
     chunk = 2048
     with torch.no_grad():
         for a in range(0, ids.shape[1], chunk):
             model(input_ids=ids[:, a:a + chunk], **compat.cache_kwargs(cache), use_cache=True)
         nxt = ids[:, -1:]
-        model(input_ids=nxt, **compat.cache_kwargs(cache), use_cache=True)  # warm-up step
+        model(input_ids=nxt, **compat.cache_kwargs(cache), use_cache=True)
+    return nxt
+
+
+def _step_ms(model, cache, nxt, device) -> float:
+    with torch.no_grad():
         if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(input_ids=nxt, **compat.cache_kwargs(cache), use_cache=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return times, peak
+        t0 = time.perf_counter()
+        model(input_ids=nxt, **compat.cache_kwargs(cache), use_cache=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def bench_cache_decode(device, contexts: list[int], steps: int, kind: str, layers: int | None,
                        kv_dtype: str | None = None) -> list[dict]:
+    """Rows per context and variant. On CPU the variants' caches are all filled first and their
+    timed steps interleaved (one step of each in turn), so load from other processes hits every
+    variant alike; on CUDA each variant runs alone (its peak memory is measured)."""
     from transformers import DynamicCache
 
     from kvcompact import KVCompactCache
@@ -472,45 +473,58 @@ def bench_cache_decode(device, contexts: list[int], steps: int, kind: str, layer
             ("transformers DynamicCache", lambda: DynamicCache(config=config)),
             ("transformers DynamicCache(offloading=True)", lambda: DynamicCache(config=config, offloading=True)),
         ]
-        base = None
-        by_name = {}
+        runnable, ctx_rows = [], []
         for name, make in variants:
             row = dict(context=ctx, variant=name, model=kind, layers=config.num_hidden_layers,
                        kv_dtype=kv_dtype or "model dtype")
+            ctx_rows.append(row)
             if "offloading" in name and (device.type != "cuda" or not has_offloading):
                 row["skipped"] = ("transformers' offloading uses CUDA streams" if device.type != "cuda"
                                   else "DynamicCache has no `offloading` in this transformers")
-                rows.append(row)
                 continue
-            cache = make()
-            times, peak = _decode_ms(model, cache, ids, steps, device)
+            runnable.append((row, make))
+
+        def measure(row, cache, nxt, times):
             row["ms"] = statistics.median(times)
-            if device.type == "cuda":
-                row["decode_peak_bytes"] = peak  # torch.cuda.max_memory_allocated over the decode steps
-                row["weights_bytes"] = weights
-                row["decode_peak_bytes_over_weights"] = peak - weights
             if isinstance(cache, KVCompactCache):
                 st = cache.stats()
-                row["cache_device_bytes"] = st.device_bytes
-                row["cache_workspace_bytes"] = st.workspace_bytes
-                row["cache_host_bytes"] = st.host_bytes
+                row.update(cache_device_bytes=st.device_bytes, cache_workspace_bytes=st.workspace_bytes,
+                           cache_host_bytes=st.host_bytes)
                 off = cache.offload_stats()
                 if off is not None:
-                    row["compute_wait_ms_per_step"] = off["compute_wait_ms"] / max(1, off["prefetch_hits"] //
-                                                                                     config.num_hidden_layers)
+                    row["compute_wait_ms_per_step"] = off["compute_wait_ms"] / (steps + 1)
                     row["staged_on_demand"] = off["staged_on_demand"]
-            if base is None:
-                base = row["ms"]
-            row["vs_on_device"] = row["ms"] / base
-            by_name[name] = row
-            rows.append(row)
-            del cache
-            if device.type == "cuda":
+
+        if device.type == "cuda":
+            for row, make in runnable:
+                cache = make()
+                nxt = _prefill(model, cache, ids)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                times = [_step_ms(model, cache, nxt, device) for _ in range(steps)]
+                peak = torch.cuda.max_memory_allocated()
+                row.update(decode_peak_bytes=peak, weights_bytes=weights, decode_peak_bytes_over_weights=peak - weights)
+                measure(row, cache, nxt, times)
+                del cache
                 torch.cuda.empty_cache()
-        ours = by_name.get("KVCompactCache(offload='layers')")
-        hf_off = by_name.get("transformers DynamicCache(offloading=True)")
-        if ours is not None and hf_off is not None:
+        else:
+            live = [(row, make()) for row, make in runnable]
+            nxts = [_prefill(model, cache, ids) for _, cache in live]
+            times = [[] for _ in live]
+            for _ in range(steps):
+                for k, ((row, cache), nxt) in enumerate(zip(live, nxts)):
+                    times[k].append(_step_ms(model, cache, nxt, device))
+            for (row, cache), nxt, t in zip(live, nxts, times):
+                measure(row, cache, nxt, t)
+            del live
+        base = ctx_rows[0]["ms"]
+        for row in ctx_rows:
+            if "ms" in row:
+                row["vs_on_device"] = row["ms"] / base
+        ours, hf_off = ctx_rows[1], ctx_rows[3]
+        if "ms" in ours and "ms" in hf_off:
             ours["vs_transformers_offloaded"] = ours["ms"] / hf_off["ms"]
+        rows += ctx_rows
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
