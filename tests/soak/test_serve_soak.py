@@ -70,8 +70,9 @@ class Slot:
         self.turns += 1
         if self.turns >= TURNS_PER_SESSION:
             return "new"
+        output = _tool_output(self.rng, self.index, self.turns)
         self.messages += [{"role": "assistant", "content": text},
-                          {"role": "tool", "content": _tool_output(self.rng, self.index, self.turns), "name": "read_log"},
+                          {"role": "tool", "content": output, "name": "read_log"},
                           {"role": "user", "content": f"And now (turn {self.turns})?"}]
         tools = [j for j, m in enumerate(self.messages) if m["role"] == "tool"]
         if len(tools) > KEEP_TOOL_OUTPUTS:
