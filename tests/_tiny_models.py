@@ -28,10 +28,14 @@ _COMMON = dict(
 # name -> (config class, extra config arguments)
 ARCHS = {
     "llama": (transformers.LlamaConfig, dict(num_hidden_layers=3)),
+    "llama_deep": (transformers.LlamaConfig, dict(num_hidden_layers=6)),  # many layers per two slots
     "qwen2": (transformers.Qwen2Config, dict(num_hidden_layers=2, use_sliding_window=False)),
     # window 20: longer than the tests' prompts, shorter than prompt + new tokens
     "mistral_window": (transformers.MistralConfig, dict(num_hidden_layers=2, sliding_window=20)),
     "mistral": (transformers.MistralConfig, dict(num_hidden_layers=4, sliding_window=None)),
+    # Gemma-2 style hybrid: sliding (window 16) and full-attention layers alternate
+    "gemma2": (transformers.Gemma2Config, dict(num_hidden_layers=4, head_dim=16, sliding_window=16,
+                                               query_pre_attn_scalar=16)),
     # the assistant: one layer, smaller MLP, same vocabulary
     "assistant": (transformers.LlamaConfig, dict(num_hidden_layers=1, intermediate_size=48)),
 }

@@ -12,7 +12,6 @@ import weakref
 
 import pytest
 import torch
-import transformers
 
 import kvcompact
 from kvcompact import KVCompactCache
@@ -20,28 +19,14 @@ from kvcompact.cache import compat
 from kvcompact.cache import offload_layers
 from kvcompact.offload import PinnedPool, PoolExhaustedError
 
-_COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-_MODELS: dict = {}
+from _tiny_models import tiny_model
 
-
-def _config(arch):
-    if arch == "llama":  # 3 layers: the two slots cannot hold every layer, so prefetch matters
-        return transformers.LlamaConfig(**_COMMON, num_hidden_layers=3)
-    # Gemma-2 style hybrid: sliding (window 16) and full-attention layers alternate.
-    return transformers.Gemma2Config(**_COMMON, num_hidden_layers=4, head_dim=16, sliding_window=16,
-                                     query_pre_attn_scalar=16)
+# Llama has 3 layers: the two slots cannot hold every layer, so prefetch matters.
+VOCAB = 96
 
 
 def _model(arch):
-    if arch not in _MODELS:
-        torch.manual_seed(0)
-        m = transformers.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="eager")
-        m = m.float().eval()
-        m.generation_config.eos_token_id = None
-        m.generation_config.pad_token_id = 0
-        _MODELS[arch] = m
-    return _MODELS[arch]
+    return tiny_model(arch, vocab_size=VOCAB, attn="eager")
 
 
 def _prompt(n=20, seed=1):
@@ -430,21 +415,9 @@ def test_layers_offload_with_a_budget_generates_the_same_tokens(kv_dtype):
     assert cache.stats().physical_tokens == ref.stats().physical_tokens
 
 
-def _deep_llama(layers=6):
-    import transformers
-
-    from test_cache_park import _COMMON as _PARK_COMMON
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**_PARK_COMMON, "num_hidden_layers": layers})
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
 def test_layers_offload_device_holds_at_most_two_layers(kv_dtype):
-    model = _deep_llama(6)
+    model = _model("llama_deep")
     ref = KVCompactCache(model.config, kv_dtype=kv_dtype)
     cache = KVCompactCache(model.config, kv_dtype=kv_dtype, offload="layers")
     seen = []
