@@ -462,7 +462,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=("auto",) + memory.QUANTIZED_FORMATS, default="auto",
                    help="KV storage of every session (auto: the model's dtype, lossless)")
     p.add_argument("--group-size", type=_positive_int, metavar="G",
-                   help="with a quantized --kv-dtype: elements per scale (default: one scale per token-head)")
+                   help="with a quantized --kv-dtype: elements per scale (default: 32 for fp8, one scale per "
+                        "token-head for int8)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     p.add_argument("--max-device-gib", type=_positive_float, metavar="GiB",

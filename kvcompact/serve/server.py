@@ -11,10 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from kvcompact.formats import FORMAT_NAMES
+
 __all__ = ["API_KEY_ENV", "KV_DTYPES", "load_model", "build_manager", "is_loopback", "serve"]
 
 API_KEY_ENV = "KVCOMPACT_API_KEY"
-KV_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "int8")
+KV_DTYPES = ("auto",) + FORMAT_NAMES  # auto: the model dtype, lossless
 GiB = 1 << 30
 
 
@@ -71,10 +73,9 @@ def build_manager(model, tokenizer, *, kv_dtype: str = "auto", group_size: int |
         if kv_dtype == "auto":
             raise ValueError("--group-size needs a quantized --kv-dtype (fp8_e4m3, fp8_e5m2, int8)")
         cache_kwargs["group_size"] = group_size
-    kwargs = {"reuse": reuse} if reuse != "edits" else {}  # "edits" is the manager's default
-    return SessionManager(model, tokenizer, cache_kwargs=cache_kwargs,
+    return SessionManager(model, tokenizer, cache_kwargs=cache_kwargs, reuse=reuse,
                           max_device_bytes=None if max_device_gib is None else int(max_device_gib * GiB),
-                          max_host_bytes=None if max_host_gib is None else int(max_host_gib * GiB), **kwargs)
+                          max_host_bytes=None if max_host_gib is None else int(max_host_gib * GiB))
 
 
 def is_loopback(host: str) -> bool:
