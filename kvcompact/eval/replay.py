@@ -26,6 +26,7 @@ re-prefill of a fresh session); ``tokens_fed`` adds the tokens fed for questions
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ class Answer:
     context_tokens: int     # cache rows held when the question was asked (question excluded)
 
 
-class Replayer:
+class Replayer(abc.ABC):
     """Base class: holds the counters; subclasses implement :meth:`event` and :meth:`ask`."""
 
     def __init__(self, model, tokenizer, config: EvalConfig, trace: Trace, truncations: dict, *,
@@ -93,11 +94,13 @@ class Replayer:
     def _note_bytes(self, cache) -> None:
         self.peak_kv_bytes = max(self.peak_kv_bytes, cache.stats().device_bytes)
 
+    @abc.abstractmethod
     def event(self, event: Event) -> None:
-        raise NotImplementedError
+        """Apply one trace event (a message, or an agent's truncate / drop)."""
 
+    @abc.abstractmethod
     def ask(self, question: Question) -> Answer:
-        raise NotImplementedError
+        """Answer ``question`` on the context so far and leave the context as it was."""
 
     def close(self) -> None:
         pass
@@ -158,8 +161,9 @@ class _LiveSessionReplayer(Replayer):
             self.edit(event)
             self._count(before)
 
+    @abc.abstractmethod
     def edit(self, event: Event) -> None:
-        raise NotImplementedError
+        """Apply a ``truncate`` / ``drop`` event to the live session."""
 
     def ask(self, question: Question) -> Answer:
         return _ask_live(self, self.session, question)
