@@ -1,5 +1,8 @@
-// Facts fixed at build time, reported by kvcompact.build_info().
+// Facts fixed at build time, reported by kvcompact.build_info(), and the CPU
+// kernels' ISA (detected once at run time; see kvcompact/cpu/isa.h).
 #include <string>
+
+#include "kvcompact/cpu/isa.h"
 
 // Both macros are set by setup.py from the torch it builds against.
 #ifndef KVCOMPACT_TORCH_VERSION
@@ -20,7 +23,8 @@ std::string build_info_json() {
 #else
   json += "\"cuda_kernels\": false, ";
 #endif
-  json += "\"cuda_archs\": \"" KVCOMPACT_CUDA_ARCHS "\"}";
+  json += "\"cuda_archs\": \"" KVCOMPACT_CUDA_ARCHS "\", ";
+  json += std::string("\"cpu_isa\": \"") + cpu::isa_name(cpu::detect_isa()) + "\"}";
   return json;
 }
 

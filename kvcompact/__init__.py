@@ -32,8 +32,10 @@ def build_info() -> dict:
     -------
     dict
         ``torch_version`` (the torch it was compiled against), ``cuda_kernels``
-        (bool), ``cuda_archs`` (e.g. ``"8.0;8.9;9.0"``, empty without CUDA) and
-        ``runtime_torch_version`` (the torch importing it now).
+        (bool), ``cuda_archs`` (e.g. ``"8.0;8.9;9.0"``, empty without CUDA), ``cpu_isa`` (the
+        best vector ISA the CPU kernels can use on this machine: ``"avx512"``, ``"avx2"`` or
+        ``"scalar"``; ``KVCOMPACT_CPU_ISA`` may force a lower one) and ``runtime_torch_version``
+        (the torch importing it now).
     """
     info = _json.loads(_torch.ops.kvcompact._build_info())
     info["runtime_torch_version"] = _torch.__version__

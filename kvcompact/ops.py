@@ -181,6 +181,85 @@ def copy_blocks_(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tens
     _ops.copy_blocks_(src, dst, block_mapping)
 
 
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_scales: Optional[torch.Tensor] = None,
+    value_scales: Optional[torch.Tensor] = None,
+    *,
+    scale: float,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    query_start: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a few queries over cache storage, reading 8-bit codes directly.
+
+    Parameters
+    ----------
+    query : Tensor ``[B, Hq, Q, D]`` float32/float16/bfloat16, any strides; read only.
+    key, value : Tensors ``[B, Hkv, T, D]``, any strides (a slice of a cache buffer); read only.
+        Either a float dtype (lossless storage) or 8-bit codes (float8_e4m3fn, float8_e5m2, int8;
+        the dtype names the format) together with ``key_scales`` / ``value_scales``.
+        ``Hq`` must be a multiple of ``Hkv`` (GQA: query head ``h`` reads KV head
+        ``h // (Hq // Hkv)``).
+    key_scales, value_scales : Tensors ``[B, Hkv, T, D // G]`` float32, or None for float K/V.
+    scale : the softmax scale multiplying ``q . k`` (usually ``D ** -0.5``).
+    softcap : ``softcap * tanh(score / softcap)`` after scaling (Gemma 2); None or 0: none.
+    window : sliding window (a query sees rows less than ``window`` positions back); None or 0:
+        none.
+    query_start : row position of query 0; query ``i`` sees rows ``j <= query_start + i``.
+        Default ``T - Q``: the queries are the last ``Q`` rows (a decode step whose own keys were
+        appended). A segment that lies wholly before the queries takes ``query_start >= T - 1``.
+
+    Returns
+    -------
+    out : Tensor ``[B, Hq, Q, D]`` float32, the softmax-weighted values.
+    lse : Tensor ``[B, Hq, Q]`` float32, natural log-sum-exp of each query's visible scores
+        (``-inf``, with ``out = 0``, for a query that sees no row). Segments attended separately
+        merge exactly with :func:`merge_attention`.
+
+    Scores, the softmax and the value sum run in float32 with an online softmax; there is no
+    dequantized copy of the cache. Not bit-exact (summation order differs by backend and split):
+    :func:`kvcompact.reference.decode_attention` is the specification, to float32 rounding.
+
+    Example
+    -------
+    >>> codes, scales = quantize(torch.randn(1, 2, 100, 64), "fp8_e4m3", group_size=32)
+    >>> q = torch.randn(1, 6, 1, 64)
+    >>> out, lse = decode_attention(q, codes, codes, scales, scales, scale=64 ** -0.5)
+    >>> tuple(out.shape), tuple(lse.shape)
+    ((1, 6, 1, 64), (1, 6, 1))
+    """
+    return _ops.decode_attention(
+        query, key, value, key_scales, value_scales, float(scale), float(softcap or 0.0),
+        int(window or 0), query_start,
+    )
+
+
+def merge_attention(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``[(out, lse), ...]`` of :func:`decode_attention` over disjoint segments of one
+    sequence into the attention over their union (exact up to float32 rounding).
+
+    ``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; a query that sees
+    no row of any segment keeps ``out = 0``, ``lse = -inf``.
+    """
+    if len(parts) == 0:
+        raise ValueError("merge_attention: `parts` must hold at least one (out, lse) pair")
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts])
+    lse = torch.logsumexp(lses, dim=0)
+    # exp(-inf - -inf) is NaN for queries no segment reaches; their weight is 0.
+    weights = torch.exp(lses - lse).nan_to_num_(0.0)
+    out = parts[0][0] * weights[0].unsqueeze(-1)
+    for w, (o, _) in zip(weights[1:], parts[1:]):
+        out = out + o * w.unsqueeze(-1)
+    return out, lse
+
+
 # ---------------------------------------------------------------------------
 # Fake (meta) kernels: shapes and dtypes only, for torch.compile and FakeTensor.
 
@@ -232,3 +311,15 @@ for _name in (
     "copy_blocks_",
 ):
     torch.library.register_fake(f"kvcompact::{_name}")(_no_output_fake)
+
+
+@torch.library.register_fake("kvcompact::decode_attention")
+def _decode_attention_fake(query, key, value, key_scales, value_scales, scale, softcap=0.0, window=0,
+                           query_start=None):
+    torch._check(query.dim() == 4 and key.dim() == 4, lambda: "decode_attention: query and key must be 4-D")
+    torch._check(query.shape[1] % key.shape[1] == 0,
+                 lambda: "decode_attention: query heads must be a multiple of key heads")
+    _check_fake_devices("decode_attention", query=query, key=key, value=value)
+    out = query.new_empty(query.shape, dtype=torch.float32)
+    lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+    return out, lse

@@ -138,3 +138,60 @@ def rope_shift_quantized(
     group_size = codes.shape[-1] // scales.shape[-1]
     x = dequantize(codes, scales, torch.float32)
     return quantize(rope_shift(x, delta, inv_freq, style), fmt, group_size)
+
+
+def attention_mask(q_len: int, kv_len: int, window: int = 0, query_start: int | None = None) -> torch.Tensor:
+    """Bool ``[Q, T]``: query ``i`` (at row position ``query_start + i``, default ``T - Q``) sees row
+    ``j`` iff ``j <= query_start + i`` and, with ``window > 0``, ``query_start + i - j < window``."""
+    start = kv_len - q_len if query_start is None else query_start
+    qpos = start + torch.arange(q_len).unsqueeze(1)
+    j = torch.arange(kv_len).unsqueeze(0)
+    visible = j <= qpos
+    if window > 0:
+        visible &= qpos - j < window
+    return visible
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+    query_start: int | None = None,
+):
+    """Attention of ``query [B, Hq, Q, D]`` over ``key``/``value`` ``[B, Hkv, T, D]``, in fp32.
+
+    Keys and values are a float dtype, or 8-bit codes with per-group fp32 ``*_scales``
+    ``[B, Hkv, T, D // G]`` (dequantized to fp32 first). GQA: query head ``h`` reads KV head
+    ``h // (Hq // Hkv)``. Scores ``q . k * scale``, then ``softcap * tanh(s / softcap)`` when
+    ``softcap > 0``; the mask is :func:`attention_mask`. Returns ``out [B, Hq, Q, D]`` and
+    ``lse [B, Hq, Q]`` (float32); a query that sees no row gets ``out = 0``, ``lse = -inf``.
+    """
+    k = key.float() if key_scales is None else dequantize(key, key_scales, torch.float32)
+    v = value.float() if value_scales is None else dequantize(value, value_scales, torch.float32)
+    rep = query.shape[1] // key.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = attention_mask(query.shape[2], key.shape[2], window, query_start)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows seeing nothing: 0
+    return torch.matmul(weights, v), lse
+
+
+def merge_attention(parts):
+    """Merge ``[(out, lse), ...]`` of segments attended separately into the attention over their
+    union: ``lse = logsumexp_s lse_s``, ``out = sum_s exp(lse_s - lse) * out_s``."""
+    lses = torch.stack([lse for _, lse in parts])
+    lse = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - lse).nan_to_num(0.0)
+    out = sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts))
+    return out, lse

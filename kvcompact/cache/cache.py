@@ -40,6 +40,9 @@ from kvcompact.formats import FORMATS
 
 # Attention sinks the built-in streaming rule always keeps; a budget must exceed them.
 SINKS = 4
+# Longest chunk whose attention kvcompact computes from storage inside attach (decode steps,
+# assisted-decoding candidates, short turns); longer chunks use the model's own attention.
+MAX_DEFERRED_QUERIES = 32
 
 __all__ = ["KVCompactCache", "CacheStats", "default_group_size"]
 
@@ -209,6 +212,7 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         self.workspace = Workspace()
         self.observed: dict = {}  # layer_idx -> captured queries; filled by kvcompact.attach
         self._padded: bool | None = None  # None: not declared; see note_attention_mask
+        self._attention_route = False  # set by kvcompact.attach: decode steps read storage directly
         self._init_parking(pool)
         # offload="layers": every attention layer's storage on the host, streamed per forward.
         self._streamer = None
@@ -350,6 +354,9 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
 
     def _update_layer(self, layer, key_states, value_states, args, kwargs, shrink: bool = True):
         """The update of one layer (and its eviction); returns ``(keys, values, evicted)``."""
+        if self._defers_attention(layer, key_states):
+            keys, values = layer.update_deferred(key_states, value_states)
+            return keys, values, False
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         if isinstance(layer, KVCompactLayer) and layer.wants_eviction(key_states.shape[2]):
             self._check_evictable(layer)
@@ -361,6 +368,19 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
             layer.evict(keep_idx, validate=not self._trust_keep_idx, shrink=shrink)
             return keys, values, True
         return keys, values, False
+
+    def _defers_attention(self, layer, key_states: torch.Tensor) -> bool:
+        """Whether this step's attention is read from storage by ``decode_attention`` (see
+        :mod:`kvcompact.cache.attention`): inside ``attach(model, cache)`` with the op routed, for
+        chunks of at most ``MAX_DEFERRED_QUERIES`` tokens that evict nothing (an eviction scores the
+        dequantized K/V), on an unpadded batch (the op applies causality, not a padding mask), and
+        not with ``offload="layers"`` (its staging slots are reused per layer)."""
+        if not self._attention_route or self._streamer is not None or not isinstance(layer, KVCompactLayer):
+            return False
+        b, _, q, _ = key_states.shape
+        if q > MAX_DEFERRED_QUERIES or (b > 1 and self._padded is not False):
+            return False
+        return not layer.evicts_after(q)
 
     def _select(self, layer: KVCompactLayer, budget: int, keys=None, values=None) -> torch.Tensor:
         """The eviction rule's ``keep_idx`` ``[B, H, K]`` for ``layer``.

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from kvcompact import ops
 from kvcompact.cache import compat
 from kvcompact.cache.storage import TokenStore, Workspace, _round_up
 
@@ -169,8 +170,15 @@ class KVCompactLayer(compat.CacheLayerMixin):
     def wants_eviction(self, new_tokens: int) -> bool:
         """After appending ``new_tokens``: is the layer past its budget + slack (or, after a
         multi-token chunk such as a prefill or a new turn, past its budget)? Host ints only."""
-        budget, n = self.budget, self.storage.length
-        return budget is not None and (n > budget + self.slack or (new_tokens > 1 and n > budget))
+        return self._past_budget(self.storage.length, new_tokens)
+
+    def evicts_after(self, q: int) -> bool:
+        """Whether appending ``q`` tokens would make :meth:`wants_eviction` true (host ints only)."""
+        return self._past_budget(self.storage.length + q, q)
+
+    def _past_budget(self, held: int, new_tokens: int) -> bool:
+        budget = self.budget
+        return budget is not None and (held > budget + self.slack or (new_tokens > 1 and held > budget))
 
     def evict(self, keep_idx: torch.Tensor, validate: bool = True, shrink: bool = True) -> None:
         """Keep physical positions ``keep_idx`` (see :meth:`compact`), then give back the capacity a
@@ -206,12 +214,65 @@ class KVCompactLayer(compat.CacheLayerMixin):
         return False
 
     def _update_windowed(self, key_states, value_states, q):
+        start = self._append_windowed(key_states, value_states, q)
+        return self.storage.view(start=start, exact_key=key_states, exact_value=value_states)
+
+    def _append_windowed(self, key_states, value_states, q) -> int:
+        """Trim, append; the first row this step's attention reads."""
         store, window = self.storage, self.window
         self._trim_window(q)
         visible = min(store.length, window - 1)
         store.append(key_states, value_states)
         self._logical += q
-        return store.view(start=store.length - visible - q, exact_key=key_states, exact_value=value_states)
+        return store.length - visible - q
+
+    # -- attention read from storage (kvcompact.ops.decode_attention) ----------------------------
+
+    def update_deferred(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """:meth:`update` for a step whose attention kvcompact computes from storage.
+
+        Appends like :meth:`update` but returns ``key_states``/``value_states`` unchanged (no
+        dequantized view, no workspace) and remembers the step, so that :meth:`attend_pending`,
+        called by kvcompact's attention function with those same tensors, reads the rows
+        :meth:`update` would have returned. The cache uses it only inside ``kvcompact.attach``
+        (which routes the model's attention there), for steps that evict nothing.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        if self.is_sliding:
+            start = self._append_windowed(key_states, value_states, q)
+        else:
+            self.storage.append(key_states, value_states)
+            self._logical += q
+            self._tail = self._tail + q
+            start = 0
+        # A record left by a forward that failed before its attention ran is replaced: that
+        # forward's output was never used.
+        self._pending = (key_states, value_states, start)
+        return key_states, value_states
+
+    def attend_pending(self, query: torch.Tensor, key: torch.Tensor, scale: float, softcap: float | None):
+        """Attention of ``query`` ``[B, Hq, Q, D]`` over what the last :meth:`update_deferred` appended
+        to, or None when ``key`` is not the tensor that call returned (another cache's forward).
+
+        Returns ``(out [B, Hq, Q, D] float32, lse [B, Hq, Q] float32)``: the storage segments
+        (codes read in place, the newest rows exact) attended separately and merged.
+        """
+        pending = self._pending
+        if pending is None or pending[0] is not key:
+            return None
+        self._pending = None
+        exact_key, exact_value, start = pending
+        rows = self.storage.length - start
+        q = query.shape[2]
+        window = self.window if self.is_sliding else None
+        parts = [
+            ops.decode_attention(query, k, v, ks, vs, scale=scale, softcap=softcap, window=window,
+                                 query_start=rows - q - offset)
+            for k, v, ks, vs, offset in self.storage.attention_segments(start, exact_key, exact_value)
+        ]
+        return ops.merge_attention(parts)
 
     def compact(self, keep_idx: torch.Tensor, validate: bool = True) -> None:
         """Keep only physical positions ``keep_idx``, in place; the logical length is unchanged.
@@ -386,6 +447,7 @@ class KVCompactLayer(compat.CacheLayerMixin):
         self.storage = TokenStore(fmt, group_size, residual, workspace, host_allocator)
         self._logical = 0
         self._tail = 0  # see tail_contiguous; an int, or a device scalar after an eviction
+        self._pending = None  # see update_deferred
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

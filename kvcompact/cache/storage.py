@@ -246,6 +246,11 @@ class TokenStore:
         n = self.length
         if self.fmt is None:
             return self.keys[:, :, start:n], self.values[:, :, start:n]
+        if exact_key is not None and exact_key.shape[2] >= n - start:
+            # Every row asked for was just appended (a first prefill): its exact values are the
+            # answer, and the workspace is not touched.
+            q = n - start
+            return exact_key[:, :, exact_key.shape[2] - q:], exact_value[:, :, exact_value.shape[2] - q:]
         shape = (self.batch, self.heads, n - start, self.head_dim)
         if fresh:
             key_out = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -264,6 +269,33 @@ class TokenStore:
             key_out[:, :, -q:].copy_(exact_key[:, :, -q:])
             value_out[:, :, -q:].copy_(exact_value[:, :, -q:])
         return key_out, value_out
+
+    def attention_segments(self, start: int, exact_key: torch.Tensor, exact_value: torch.Tensor):
+        """What :meth:`view` returns, as segments ``decode_attention`` reads in place (no workspace).
+
+        Rows ``[start, length)`` as a list of ``(key, value, key_scales, value_scales, offset)``:
+        ``offset`` is the segment's first row counted from ``start``. Lossless: one segment over
+        the buffers. Quantized: the codes of the older rows, then the newest rows in full precision
+        (the residual shadow's and ``exact_key``/``exact_value`` ``[B, H, Q, D]``, the chunk just
+        appended), as :meth:`view` overwrites them -- so both paths attend to the same values.
+        """
+        n = self.length
+        if self.fmt is None:
+            return [(self.keys[:, :, start:n], self.values[:, :, start:n], None, None, 0)]
+        q = min(exact_key.shape[2], n - start)
+        exact = max(min(self.residual, self.shadow_len, n - start), q)
+        key_tail, value_tail = exact_key[:, :, exact_key.shape[2] - q:], exact_value[:, :, exact_value.shape[2] - q:]
+        if exact > q:  # older shadow rows in front of the new chunk (a small copy: at most `residual` rows)
+            s = self.shadow_len
+            key_tail = torch.cat([self.key_shadow[:, :, s - exact : s - q], key_tail], dim=2)
+            value_tail = torch.cat([self.value_shadow[:, :, s - exact : s - q], value_tail], dim=2)
+        segments = []
+        split = n - exact
+        if split > start:
+            segments.append((self.key_codes[:, :, start:split], self.value_codes[:, :, start:split],
+                             self.key_scales[:, :, start:split], self.value_scales[:, :, start:split], 0))
+        segments.append((key_tail, value_tail, None, None, split - start))
+        return segments
 
     # -- structural edits ----------------------------------------------------------------------
 

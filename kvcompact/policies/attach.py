@@ -118,8 +118,9 @@ def _forward_cache(args, kwargs):
 
 
 @contextlib.contextmanager
-def attach(model, cache, policy=None):
-    """Capture query states for ``cache``'s policy while the block runs.
+def attach(model, cache, policy=None, attention=None):
+    """Capture query states for ``cache``'s policy, and read decode attention straight from ``cache``'s
+    storage, while the block runs.
 
     Parameters
     ----------
@@ -129,6 +130,13 @@ def attach(model, cache, policy=None):
         The cache the forward passes use; forwards with another cache (or none) are not observed.
     policy : str or Policy, optional
         The policy whose needs decide what is captured; default ``cache.policy``.
+    attention : bool, optional
+        Route the attention of short chunks (decode steps, up to 32 tokens) through
+        :func:`kvcompact.ops.decode_attention`, which reads 8-bit codes in place instead of
+        dequantizing the layer into a workspace (see :mod:`kvcompact.cache.attention`). Default:
+        on for a quantized ``KVCompactCache`` (``kv_dtype`` set), off otherwise (lossless layers
+        already hand attention views of their buffers). Needs ``attn_implementation`` "sdpa" or
+        "eager"; with ``True`` anything else raises ``ValueError``.
 
     Yields
     ------
@@ -157,9 +165,33 @@ def attach(model, cache, policy=None):
     if observed is None:
         observed = {}
         cache.observed = observed
-    if policy.observes is None:
+    with contextlib.ExitStack() as stack:
+        if _wants_attention_route(model, cache, attention):
+            from kvcompact.cache.attention import route
+
+            stack.enter_context(route(model, cache))
+        if policy.observes is not None:
+            stack.enter_context(_capture_queries(model, cache, policy, observed))
         yield observed
-        return
+
+
+def _wants_attention_route(model, cache, attention) -> bool:
+    if attention is not None and not isinstance(attention, bool):
+        raise ValueError(f"attach: `attention` must be None, True or False; got {attention!r}")
+    if not hasattr(cache, "_attention_route"):  # not a KVCompactCache
+        if attention:
+            raise ValueError(f"attach(attention=True) needs a KVCompactCache, got {type(cache).__name__}")
+        return False
+    if attention is None:
+        from kvcompact.cache.attention import can_route
+
+        return getattr(cache, "kv_dtype", None) is not None and can_route(model) is None
+    return attention
+
+
+@contextlib.contextmanager
+def _capture_queries(model, cache, policy, observed):
+    """The forward hooks that hand query states to ``observed`` (query-aware policies)."""
 
     modules = attention_modules(model)
     if not modules:

@@ -1,0 +1,428 @@
+// CPU decode attention over cache storage (model-dtype or 8-bit codes).
+//
+// Strategy. Work is split into tasks (batch, KV head, KV split): a task owns
+// the n_rep * Q query rows that read one KV head (GQA), so each key and value
+// row is decoded from storage once and used by all of them. A task walks its
+// split in blocks of kBlock rows: decode a key row to fp32 (scale folded in),
+// dot it with every query row, softcap and mask the scores, update each row's
+// running max and sum (online softmax), then decode the value rows and add
+// them, weighted, to fp32 accumulators. Splits give both cores work when B * Hkv
+// is small (one decode step of one sequence) and are merged at the end by
+// log-sum-exp, the same rule that merges separately attended segments.
+//
+// Nothing proportional to T is allocated: per task a few rows of scratch, and
+// per call the [B, Hkv, splits, rows, D] partial sums.
+//
+// The lane loops (cpu/lanes.h) are compiled three times, for AVX-512, AVX2 and
+// generic x86-64 (cpu/isa.h), and the best the CPU has runs.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kvcompact/attention_args.h"
+#include "kvcompact/cpu/isa.h"
+#include "kvcompact/cpu/lanes.h"
+
+namespace kvcompact {
+namespace {
+
+using cpu::kLanes;
+
+constexpr int64_t kBlock = 32;          // KV rows per online-softmax step
+constexpr int64_t kMinSplitRows = 256;  // a split shorter than this costs more to merge than it saves
+
+// How K/V rows are stored.
+enum class RowKind : int { kF32, kF16, kBF16, kE4M3, kE5M2, kInt8 };
+
+struct Job {
+  AttentionShape s;
+  int64_t n_rep;   // query heads per KV head
+  int64_t rows;    // query rows per task: n_rep * Q
+  int64_t splits;  // KV splits per (batch, KV head)
+  int64_t split_len;
+  RowKind kind;
+  const float* q;  // [B, Hq, Q, D] fp32, contiguous
+  const char* k;
+  const char* v;
+  int64_t elem;  // bytes per K/V element
+  int64_t ks[3], vs[3];  // element strides of key / value over (B, Hkv, T); last dim contiguous
+  const float* kscale;
+  const float* vscale;
+  int64_t kss[3], vss[3];  // strides of the scales over (B, Hkv, T); their last dim contiguous
+  // Outputs of the tasks: acc [task, rows, D] (unnormalized), max and sum [task, rows].
+  float* acc;
+  float* row_max;
+  float* row_sum;
+};
+
+// One K or V row (D elements) to fp32, times its group scales when quantized. `V`: D (and the
+// group size) are multiples of 16, so whole 16-float vectors are decoded; else element by element.
+template <RowKind K, bool V>
+KVC_INLINE void load_row(const char* base, const float* scales, int64_t D, int64_t G, float* __restrict out) {
+  if constexpr (V && (K == RowKind::kF32 || K == RowKind::kF16 || K == RowKind::kBF16)) {
+    for (int64_t i = 0; i < D; i += 16) {
+      cpu::vf16 x;
+      if constexpr (K == RowKind::kF32) {
+        x = cpu::load16(reinterpret_cast<const float*>(base) + i);
+      } else if constexpr (K == RowKind::kF16) {
+        x = cpu::decode16_f16(reinterpret_cast<const uint16_t*>(base) + i);
+      } else {
+        x = cpu::decode16_bf16(reinterpret_cast<const uint16_t*>(base) + i);
+      }
+      cpu::store16(out + i, x);
+    }
+  } else if constexpr (V) {
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(base);
+    for (int64_t g = 0, i = 0; i < D; ++g) {
+      const cpu::vf16 sc = cpu::splat16(scales[g]);
+      for (const int64_t end = i + G; i < end; i += 16) {
+        cpu::vf16 x;
+        if constexpr (K == RowKind::kE4M3) {
+          x = cpu::decode16_e4m3(p + i);
+        } else if constexpr (K == RowKind::kE5M2) {
+          x = cpu::decode16_e5m2(p + i);
+        } else {
+          x = cpu::decode16_int8(p + i);
+        }
+        cpu::store16(out + i, x * sc);
+      }
+    }
+  } else if constexpr (K == RowKind::kF32) {
+    const float* p = reinterpret_cast<const float*>(base);
+    for (int64_t i = 0; i < D; ++i) out[i] = p[i];
+  } else if constexpr (K == RowKind::kF16 || K == RowKind::kBF16) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(base);
+    for (int64_t i = 0; i < D; ++i) out[i] = K == RowKind::kF16 ? cpu::decode_f16(p[i]) : cpu::decode_bf16(p[i]);
+  } else {
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(base);
+    for (int64_t g = 0; g < D / G; ++g) {
+      const float sc = scales[g];
+      const uint8_t* pg = p + g * G;
+      float* og = out + g * G;
+      for (int64_t i = 0; i < G; ++i) {
+        float x;
+        if constexpr (K == RowKind::kE4M3) {
+          x = cpu::decode_e4m3(pg[i]);
+        } else if constexpr (K == RowKind::kE5M2) {
+          x = cpu::decode_e5m2(pg[i]);
+        } else {
+          x = static_cast<float>(static_cast<int8_t>(pg[i]));
+        }
+        og[i] = x * sc;
+      }
+    }
+  }
+}
+
+template <bool V>
+KVC_INLINE float dot_row(const float* __restrict a, const float* __restrict b, int64_t D) {
+  if constexpr (V) {
+    cpu::vf16 acc = cpu::load16(a) * cpu::load16(b);
+    for (int64_t i = 16; i < D; i += 16) acc += cpu::load16(a + i) * cpu::load16(b + i);
+    return cpu::hsum16(acc);
+  } else {
+    return cpu::dot(a, b, D);
+  }
+}
+
+template <bool V>
+KVC_INLINE void axpy_row(float p, const float* __restrict x, float* __restrict y, int64_t D) {
+  if constexpr (V) {
+    const cpu::vf16 pv = cpu::splat16(p);
+    for (int64_t i = 0; i < D; i += 16) cpu::store16(y + i, cpu::load16(y + i) + pv * cpu::load16(x + i));
+  } else {
+    cpu::axpy(p, x, y, D);
+  }
+}
+
+KVC_INLINE float softcapped(float x, float softcap) {
+  return softcap > 0.0f ? softcap * std::tanh(x / softcap) : x;
+}
+
+// One task: query rows of (b, hk) against rows [t0, t1) of the split.
+template <RowKind K, bool V>
+KVC_INLINE void run_task(const Job& job, int64_t task, float* scratch) {
+  const AttentionShape& s = job.s;
+  const int64_t D = s.head_dim, Q = s.q_len, R = job.rows;
+  const int64_t G = s.quantized ? s.group_size : D;
+  const int64_t split = task % job.splits;
+  const int64_t bh = task / job.splits;
+  const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
+
+  float* acc = job.acc + task * R * D;
+  float* row_max = job.row_max + task * R;
+  float* row_sum = job.row_sum + task * R;
+  float* kbuf = scratch;              // [D]
+  float* vbuf = kbuf + D;             // [D]
+  float* scores = vbuf + D;           // [R, kBlock]
+  int64_t* lo = reinterpret_cast<int64_t*>(scores + R * kBlock);  // [R]
+  int64_t* hi = lo + R;                                           // [R]
+
+  // Query row r = (head hk * n_rep + r / Q, query r % Q); rows of one task are contiguous in q.
+  const float* qrows = job.q + ((b * s.q_heads + hk * job.n_rep) * Q) * D;
+
+  const int64_t t0 = split * job.split_len;
+  const int64_t t1 = std::min(s.kv_len, t0 + job.split_len);
+  int64_t u0 = t1, u1 = t0;  // union of the rows' visible ranges within the split
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t a, e;
+    attention_row_range(s, r % Q, &a, &e);
+    lo[r] = std::max(a, t0);
+    hi[r] = std::min(e, t1);
+    if (lo[r] < hi[r]) {
+      u0 = std::min(u0, lo[r]);
+      u1 = std::max(u1, hi[r]);
+    }
+    row_max[r] = -std::numeric_limits<float>::infinity();
+    row_sum[r] = 0.0f;
+  }
+  std::fill(acc, acc + R * D, 0.0f);
+
+  const char* kbase = job.k + (b * job.ks[0] + hk * job.ks[1]) * job.elem;
+  const char* vbase = job.v + (b * job.vs[0] + hk * job.vs[1]) * job.elem;
+  const float* ksbase = s.quantized ? job.kscale + b * job.kss[0] + hk * job.kss[1] : nullptr;
+  const float* vsbase = s.quantized ? job.vscale + b * job.vss[0] + hk * job.vss[1] : nullptr;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  for (int64_t blk = u0; blk < u1; blk += kBlock) {
+    const int64_t n = std::min(kBlock, u1 - blk);
+    // Scores of every row against the block's keys.
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = blk + j;
+      load_row<K, V>(kbase + t * job.ks[2] * job.elem, s.quantized ? ksbase + t * job.kss[2] : nullptr, D, G, kbuf);
+      for (int64_t r = 0; r < R; ++r) {
+        const float x = softcapped(dot_row<V>(qrows + r * D, kbuf, D) * s.scale, s.softcap);
+        scores[r * kBlock + j] = (t >= lo[r] && t < hi[r]) ? x : neg_inf;
+      }
+    }
+    // Online softmax: rescale what was accumulated when the running max grows.
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = scores + r * kBlock;
+      float bmax = neg_inf;
+      for (int64_t j = 0; j < n; ++j) bmax = (sr[j] > bmax || sr[j] != sr[j]) ? sr[j] : bmax;
+      if (bmax == neg_inf) {  // nothing visible in this block for this row
+        for (int64_t j = 0; j < n; ++j) sr[j] = 0.0f;
+        continue;
+      }
+      const float old_max = row_max[r];
+      const float new_max = (bmax > old_max || bmax != bmax) ? bmax : old_max;
+      const float alpha = cpu::exp_nonpositive(old_max - new_max);  // 0 while old_max is -inf
+      float sum = 0.0f;
+      float part[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const float p = cpu::exp_nonpositive(sr[j + l] - new_max);
+          sr[j + l] = p;
+          part[l] += p;
+        }
+      }
+      for (; j < n; ++j) {
+        sr[j] = cpu::exp_nonpositive(sr[j] - new_max);
+        sum += sr[j];
+      }
+      sum += cpu::reduce_lanes(part);
+      if (alpha != 1.0f) cpu::scale_inplace(alpha, acc + r * D, D);
+      row_sum[r] = row_sum[r] * alpha + sum;
+      row_max[r] = new_max;
+    }
+    // Weighted values.
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = blk + j;
+      load_row<K, V>(vbase + t * job.vs[2] * job.elem, s.quantized ? vsbase + t * job.vss[2] : nullptr, D, G, vbuf);
+      for (int64_t r = 0; r < R; ++r) {
+        const float p = scores[r * kBlock + j];
+        if (p != 0.0f) axpy_row<V>(p, vbuf, acc + r * D, D);
+      }
+    }
+  }
+}
+
+template <RowKind K>
+KVC_INLINE void run_tasks(const Job& job, int64_t begin, int64_t end) {
+  const int64_t R = job.rows, D = job.s.head_dim;
+  // kbuf, vbuf, scores, lo, hi (the int64 arrays take two floats per entry).
+  std::vector<float> scratch(static_cast<size_t>(2 * D + R * kBlock + 4 * R));
+  const bool vec = D % 16 == 0 && (!job.s.quantized || job.s.group_size % 16 == 0);
+  for (int64_t task = begin; task < end; ++task) {
+    if (vec) {
+      run_task<K, true>(job, task, scratch.data());
+    } else {
+      run_task<K, false>(job, task, scratch.data());
+    }
+  }
+}
+
+KVC_INLINE void run_tasks_any(const Job& job, int64_t begin, int64_t end) {
+  switch (job.kind) {
+    case RowKind::kF32: run_tasks<RowKind::kF32>(job, begin, end); break;
+    case RowKind::kF16: run_tasks<RowKind::kF16>(job, begin, end); break;
+    case RowKind::kBF16: run_tasks<RowKind::kBF16>(job, begin, end); break;
+    case RowKind::kE4M3: run_tasks<RowKind::kE4M3>(job, begin, end); break;
+    case RowKind::kE5M2: run_tasks<RowKind::kE5M2>(job, begin, end); break;
+    case RowKind::kInt8: run_tasks<RowKind::kInt8>(job, begin, end); break;
+  }
+}
+
+void run_generic(const Job& job, int64_t begin, int64_t end) { run_tasks_any(job, begin, end); }
+#if KVC_HAS_X86_ISAS
+KVC_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) { run_tasks_any(job, begin, end); }
+KVC_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) { run_tasks_any(job, begin, end); }
+#endif
+
+using RunFn = void (*)(const Job&, int64_t, int64_t);
+
+RunFn pick_kernel() {
+#if KVC_HAS_X86_ISAS
+  switch (cpu::cpu_isa()) {
+    case cpu::Isa::kAvx512: return &run_avx512;
+    case cpu::Isa::kAvx2: return &run_avx2;
+    case cpu::Isa::kGeneric: break;
+  }
+#endif
+  return &run_generic;
+}
+
+RowKind row_kind(const AttentionShape& s, const at::Tensor& key) {
+  if (s.quantized) {
+    switch (s.fmt) {
+      case QuantFormat::kFp8E4M3: return RowKind::kE4M3;
+      case QuantFormat::kFp8E5M2: return RowKind::kE5M2;
+      case QuantFormat::kInt8: return RowKind::kInt8;
+    }
+  }
+  switch (key.scalar_type()) {
+    case c10::ScalarType::Half: return RowKind::kF16;
+    case c10::ScalarType::BFloat16: return RowKind::kBF16;
+    default: return RowKind::kF32;
+  }
+}
+
+// The last dim must be contiguous for the row loads; anything else is copied (rare: cache
+// buffers and model projections have it).
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+int64_t choose_splits(const AttentionShape& s) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t heads = std::max<int64_t>(1, s.batch * s.kv_heads);
+  const int64_t want = (4 * threads + heads - 1) / heads;  // a few tasks per thread for balance
+  const int64_t most = std::max<int64_t>(1, s.kv_len / kMinSplitRows);
+  return std::max<int64_t>(1, std::min(want, most));
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& query_in, const at::Tensor& key_in,
+                                                         const at::Tensor& value_in,
+                                                         const c10::optional<at::Tensor>& key_scales,
+                                                         const c10::optional<at::Tensor>& value_scales,
+                                                         double scale, double softcap, int64_t window,
+                                                         c10::optional<int64_t> query_start) {
+  const char* op = "decode_attention";
+  const AttentionShape s =
+      check_decode_attention(op, query_in, key_in, value_in, key_scales, value_scales, scale, softcap, window,
+                             query_start);
+  const auto f32 = query_in.options().dtype(at::kFloat);
+  at::Tensor out = at::zeros({s.batch, s.q_heads, s.q_len, s.head_dim}, f32);
+  at::Tensor lse = at::full({s.batch, s.q_heads, s.q_len}, -std::numeric_limits<float>::infinity(), f32);
+  if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0 || s.kv_len == 0) return {out, lse};
+
+  const at::Tensor query = query_in.to(at::kFloat).contiguous();
+  const at::Tensor key = last_dim_contiguous(key_in);
+  const at::Tensor value = last_dim_contiguous(value_in);
+  at::Tensor kscale, vscale;
+  if (s.quantized) {
+    kscale = last_dim_contiguous(*key_scales);
+    vscale = last_dim_contiguous(*value_scales);
+  }
+
+  Job job{};
+  job.s = s;
+  job.n_rep = s.q_heads / s.kv_heads;
+  job.rows = job.n_rep * s.q_len;
+  job.splits = choose_splits(s);
+  job.split_len = (s.kv_len + job.splits - 1) / job.splits;
+  job.splits = (s.kv_len + job.split_len - 1) / job.split_len;
+  job.kind = row_kind(s, key);
+  job.q = query.const_data_ptr<float>();
+  job.k = static_cast<const char*>(key.const_data_ptr());
+  job.v = static_cast<const char*>(value.const_data_ptr());
+  job.elem = key.element_size();
+  for (int d = 0; d < 3; ++d) {
+    job.ks[d] = key.stride(d);
+    job.vs[d] = value.stride(d);
+  }
+  if (s.quantized) {
+    job.kscale = kscale.const_data_ptr<float>();
+    job.vscale = vscale.const_data_ptr<float>();
+    for (int d = 0; d < 3; ++d) {
+      job.kss[d] = kscale.stride(d);
+      job.vss[d] = vscale.stride(d);
+    }
+  }
+  const int64_t tasks = s.batch * s.kv_heads * job.splits;
+  at::Tensor acc = at::empty({tasks, job.rows, s.head_dim}, f32);
+  at::Tensor row_max = at::empty({tasks, job.rows}, f32);
+  at::Tensor row_sum = at::empty({tasks, job.rows}, f32);
+  job.acc = acc.data_ptr<float>();
+  job.row_max = row_max.data_ptr<float>();
+  job.row_sum = row_sum.data_ptr<float>();
+
+  const RunFn run = pick_kernel();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
+
+  // Merge the splits of each query row: the log-sum-exp rule.
+  float* out_ptr = out.data_ptr<float>();
+  float* lse_ptr = lse.data_ptr<float>();
+  const int64_t D = s.head_dim, R = job.rows, S = job.splits;
+  at::parallel_for(0, s.batch * s.kv_heads * R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / R, r = idx % R;
+      float m = -std::numeric_limits<float>::infinity();
+      bool nan = false;
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const float x = job.row_max[(bh * S + sp) * R + r];
+        nan = nan || x != x;
+        m = x > m ? x : m;
+      }
+      // Output row: query head hk * n_rep + r / Q, query r % Q, i.e. row (bh * R + r) of out.
+      float* o = out_ptr + (bh * R + r) * D;
+      if (nan) {
+        std::fill(o, o + D, std::numeric_limits<float>::quiet_NaN());
+        lse_ptr[bh * R + r] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      if (m == -std::numeric_limits<float>::infinity()) continue;  // sees nothing: 0 and -inf
+      float total = 0.0f;
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const int64_t t = bh * S + sp;
+        const float w = std::exp(job.row_max[t * R + r] - m);
+        if (w == 0.0f) continue;
+        total += w * job.row_sum[t * R + r];
+        const float* a = job.acc + (t * R + r) * D;
+        for (int64_t i = 0; i < D; ++i) o[i] += w * a[i];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+      lse_ptr[bh * R + r] = m + std::log(total);
+    }
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kvcompact, CPU, m) {
+  m.impl("decode_attention", &decode_attention_cpu);
+}
+
+}  // namespace kvcompact
