@@ -6,6 +6,9 @@ Every cache runs on the embedded SmolLM2-135M-Instruct in one process, side by s
   same per-layer K/V are handed to every other cache through ``cache.update`` (exactly what a
   prefill forward would do), then the caches decode in round-robin -- step i of every cache runs
   before step i+1 of any -- so a noisy shared CPU hits all of them alike. Median ms/token.
+* ``+attn`` rows: the same KVCompactCache storage with decode attention computed from it by
+  ``kvcompact.ops.decode_attention`` (``kvcompact.attach(model, cache, attention=True)``): 8-bit
+  codes are read in place, no dequantized workspace.
 * bytes: the cache's tensors after decoding (capacity included); for KVCompactCache also the
   dequantization workspace (scratch, one layer).
 * perplexity: teacher-forced, token by token, over ``--held-out`` tokens of
@@ -17,12 +20,13 @@ lossless cache is measured against.
 Usage::
 
     python benchmarks/bench_cache.py --quick            # contexts 1k and 4k
-    python benchmarks/bench_cache.py --out results.json # 1k, 4k, 8k
+    python benchmarks/bench_cache.py --out results.json # 1k, 4k, 16k
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -42,6 +46,18 @@ GPL = Path("/usr/share/common-licenses/GPL-3")
 
 # -- the caches under test -----------------------------------------------------------------------
 
+ROUTED = " +attn"  # suffix of the rows whose forwards run inside kvcompact.attach(attention=True)
+
+
+def forward_scope(model, name: str, cache):
+    """The context a forward of cache ``name`` runs in: attach(attention=True) for routed rows."""
+    if name.endswith(ROUTED):
+        from kvcompact import attach
+
+        return attach(model, cache, attention=True)
+    return contextlib.nullcontext()
+
+
 
 def cache_factories(config) -> dict:
     """name -> zero-argument constructor, for every cache this transformers install can build."""
@@ -50,6 +66,11 @@ def cache_factories(config) -> dict:
         "KVCompact(None)": lambda: KVCompactCache(config),
         "KVCompact(fp8_e4m3)": lambda: KVCompactCache(config, kv_dtype="fp8_e4m3"),
         "KVCompact(int8)": lambda: KVCompactCache(config, kv_dtype="int8"),
+        # The same storage, with decode attention read from it by kvcompact.ops.decode_attention
+        # (kvcompact.attach(..., attention=True)) instead of a dequantized workspace.
+        "KVCompact(None)" + ROUTED: lambda: KVCompactCache(config),
+        "KVCompact(fp8_e4m3)" + ROUTED: lambda: KVCompactCache(config, kv_dtype="fp8_e4m3"),
+        "KVCompact(int8)" + ROUTED: lambda: KVCompactCache(config, kv_dtype="int8"),
     }
     try:
         from transformers import QuantizedCache
@@ -124,7 +145,8 @@ def decode_speed(model, tokenizer, context: int, steps: int, factories: dict) ->
             token = ids[:, context + step : context + step + 1]
             for name, cache in caches.items():
                 t0 = time.perf_counter()
-                model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
+                with forward_scope(model, name, cache):
+                    model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
                 times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, cache in caches.items():
@@ -147,7 +169,7 @@ def perplexity(model, tokenizer, factories: dict, context: int, held_out: int) -
     for name, make in factories.items():
         cache = make()
         nll = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), forward_scope(model, name, cache):
             logits = model(input_ids=ctx, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1].float()
             for i in range(held_out):
                 nll += torch.nn.functional.cross_entropy(logits, tgt[:, i]).item()
@@ -202,7 +224,7 @@ def main(argv=None) -> int:
     from kvcompact.models import load_default
 
     model, tokenizer = load_default()
-    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 8192])
+    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384])
     factories = cache_factories(model.config)
     results = {
         "env": {

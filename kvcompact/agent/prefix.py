@@ -1,9 +1,9 @@
-"""``PrefixCache``: the KV of a shared prefix (system prompt, tool schemas), computed once and copied
-into every session that starts with it."""
+"""``PrefixCache``: the KV of a shared prefix (system prompt, tool schemas), computed once and stored
+once: every session that starts with it reads the same rows (copied into a session only when it
+must rewrite them)."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from typing import Mapping, Sequence
 
@@ -39,7 +39,12 @@ def _as_messages(messages_or_text) -> list:
 
 
 class PrefixCache:
-    """The KV of a shared prefix (system prompt, tool schemas), computed once, copied into sessions.
+    """The KV of a shared prefix (system prompt, tool schemas), computed once, shared by sessions.
+
+    Sessions from :meth:`session` share the prefix's full-attention K/V read-only
+    (:meth:`kvcompact.KVCompactCache.shared_copy`): N sessions hold the prefix once, plus their own
+    tokens. A session that rewrites a prefix row (a budget eviction, dropping or replacing a
+    prefix message, a crop into the prefix) copies the prefix into its own cache first.
 
     Parameters
     ----------
@@ -107,8 +112,8 @@ class PrefixCache:
             self.check(prefix)
         kwargs = {**self.session_kwargs, **overrides}
         s = Session(self.model, self.tokenizer, self._base._new_cache(), **kwargs)
-        cache = copy.deepcopy(self._base.cache)
-        cache.release_workspace()
+        # The prefix's KV is shared, not copied: every session reads the same rows (copy on write).
+        cache = self._base.cache.shared_copy()
         s._adopt(cache, [e.copy() for e in self._base._entries], prefix=self)
         return s
 

@@ -107,6 +107,12 @@ class Session:
     prefill_chunk : int
         Max tokens per forward when feeding (bounds activation memory, and what a failed forward
         takes back; see *Failures* in the module docstring).
+    attention : bool, optional
+        Compute the attention of short forwards (decode steps) from the cache's storage with
+        :func:`kvcompact.ops.decode_attention` (see ``kvcompact.attach``): 8-bit codes and a shared
+        prefix are read in place, with no dequantized or concatenated workspace. Default: on for a
+        ``KVCompactCache`` with 8-bit storage or a shared prefix, when the model's attention
+        implementation allows it ("sdpa" or "eager"); ``True`` raises if it does not.
 
     Attributes
     ----------
@@ -126,7 +132,7 @@ class Session:
     def __init__(self, model, tokenizer, cache=None, *, chat_template: str | None = None, tools: list | None = None,
                  tool_fallback: str = "auto", verify_tokens: bool = True,
                  template_kwargs: Mapping[str, Any] | None = None, rope_style: str | None = None,
-                 prefill_chunk: int = 1024):
+                 prefill_chunk: int = 1024, attention: bool | None = None):
         from kvcompact.cache import KVCompactCache
 
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
@@ -150,6 +156,17 @@ class Session:
         self._rope_style = rope_style
         self._rope = None
         self.prefill_chunk = prefill_chunk
+        if attention is not None and not isinstance(attention, bool):
+            raise ValueError(f"attention must be None, True or False, got {attention!r}")
+        if attention and not self._editable:
+            raise ValueError(f"attention=True needs a KVCompactCache, got {type(cache).__name__}")
+        if attention:
+            from kvcompact.cache.attention import can_route
+
+            why = can_route(model)
+            if why is not None:
+                raise ValueError(f"attention=True: cannot route {type(model).__name__}: {why}")
+        self.attention = attention
         self._entries: list[Entry] = []
         self._pending: list[Message] = []
         self._gen_tail: list = []  # generation-prompt tokens at the end of the cache
@@ -337,9 +354,33 @@ class Session:
 
             settle_resume(self)
         chunk = torch.tensor([list(ids)], dtype=torch.long, device=self._device())
-        out = self.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **compat.cache_kwargs(self.cache))
+        with self._attention_scope():
+            out = self.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **compat.cache_kwargs(self.cache))
         self.fed_tokens += len(ids)
         return out.logits[0, -1]
+
+    def _attention_scope(self):
+        """Where forwards run: routed through ``decode_attention`` (see ``attention`` in the class
+        docstring) or as the model is."""
+        import contextlib
+
+        if not self._routes_attention():
+            return contextlib.nullcontext()
+        from kvcompact.cache.attention import route
+
+        return route(self.model, self.cache)
+
+    def _routes_attention(self) -> bool:
+        if self.attention is not None:
+            return self.attention
+        if not self._editable:
+            return False
+        shared = any(getattr(getattr(layer, "storage", None), "prefix", None) is not None for layer in self.cache.layers)
+        if self.cache.kv_dtype is None and not shared:
+            return False
+        from kvcompact.cache.attention import can_route
+
+        return can_route(self.model) is None
 
     def _run(self, ids: Sequence[int]) -> torch.Tensor | None:
         """Feed ``ids`` in chunks with no bookkeeping (a splice's forward: the cache rolls it back)."""

@@ -521,6 +521,38 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         if hasattr(self._evictor, "reset"):
             self._evictor.reset()
 
+    def shared_copy(self) -> "KVCompactCache":
+        """A new cache holding this cache's tokens, its full-attention storage shared, not copied.
+
+        Made for a prompt prefix many sessions start from (:class:`kvcompact.agent.PrefixCache`):
+        the copy reads the shared rows in place and writes new tokens to its own buffers, so N
+        copies hold the prefix once. A copy that must rewrite a shared row (eviction, a span edit
+        inside the prefix, a crop into it, parking, batch reordering) first copies the prefix into
+        its own storage; this cache is never changed by its copies, and it must not change while
+        they live (its rows would change under them). Windowed layers are copied. ``stats()`` of a
+        copy counts only its own buffers. A cache with ``offload="layers"`` or a parked one is
+        copied whole instead.
+        """
+        import copy
+
+        if self._streamer is not None or self.parked:
+            return copy.deepcopy(self)
+        kv_layers = [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, KVCompactLayer)]
+        stores = [layer.storage for _, layer in kv_layers]
+        try:
+            for _, layer in kv_layers:
+                layer.storage = None  # deep-copied below as shared views, not as tensors
+            new = copy.deepcopy(self)
+        finally:
+            for (_, layer), store in zip(kv_layers, stores):
+                layer.storage = store
+        for i, layer in kv_layers:
+            fresh = new.layers[i]
+            fresh.reset()
+            fresh.share_storage_of(layer)
+        new.release_workspace()
+        return new
+
     def release_workspace(self) -> None:
         """Free the dequantization workspace (it is re-allocated by the next quantized update)."""
         self.workspace.release()

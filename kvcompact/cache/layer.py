@@ -226,6 +226,22 @@ class KVCompactLayer(compat.CacheLayerMixin):
         self._logical += q
         return store.length - visible - q
 
+    def share_storage_of(self, other: "KVCompactLayer") -> None:
+        """Hold ``other``'s tokens: full-attention storage shared read-only (copy on write, see
+        :meth:`TokenStore.share_prefix`), a windowed layer's storage copied (its window rewrites
+        old rows as it slides). This layer must be new; ``other`` must not change afterwards."""
+        import copy
+
+        if not other.is_initialized:
+            return
+        if self.is_sliding:
+            self.storage = copy.deepcopy(other.storage, memo={id(other.storage.workspace): self.storage.workspace})
+        else:
+            self.storage.share_prefix(other.storage)
+        self.dtype, self.device = other.dtype, other.device
+        self._logical, self._tail = other._logical, other.tail_contiguous
+        self.is_initialized = True
+
     # -- attention read from storage (kvcompact.ops.decode_attention) ----------------------------
 
     def update_deferred(self, key_states: torch.Tensor, value_states: torch.Tensor):

@@ -94,8 +94,13 @@ class TokenStore:
         self.residual = residual if fmt is not None else 0
         self.workspace = workspace
         self.host_allocator = host_allocator
-        self.length = 0  # physical tokens held
+        self.length = 0  # physical tokens held (the shared prefix's rows included)
         self.shadow_len = 0
+        # A read-only store whose first `prefix_len` rows are this store's rows [0, prefix_len)
+        # (a prefix shared by several sessions); this store's own buffers then hold rows
+        # [prefix_len, length). See share_prefix and unshare.
+        self.prefix: "TokenStore | None" = None
+        self.prefix_len = 0
         self.initialized = False
         # A staging copy (device_twin) over a fixed slot: it must never reallocate, since the slot,
         # not the store, owns its memory.
@@ -155,10 +160,11 @@ class TokenStore:
         shadow_shape = (self.batch, self.heads, 2 * self.residual, self.head_dim)
         want = [spec for _, spec in specs] + ([(shadow_shape, self.dtype)] * 2 if add_shadow else [])
         new = self._new_tensors(want)
+        own = self.own_length
         for (name, _), t in zip(specs, new):
             old = getattr(self, name, None)
-            if copy and old is not None and self.length:
-                t[:, :, : self.length].copy_(old[:, :, : self.length])
+            if copy and old is not None and own:
+                t[:, :, :own].copy_(old[:, :, :own])
             setattr(self, name, t)
         self.capacity = cap
         if add_shadow:
@@ -172,7 +178,7 @@ class TokenStore:
         attention read per step -- noise next to ``DynamicCache``'s full ``torch.cat`` every step
         -- while the unused tail, which counts in ``device_bytes``, stays under 6.25% + 64 tokens.
         """
-        need = self.length + extra
+        need = self.own_length + extra
         if need > self.capacity:
             grown = self.capacity + self.capacity // 16 if self.capacity else 0
             self._alloc(_round_up(max(need, grown)))
@@ -188,13 +194,69 @@ class TokenStore:
         Returns whether the buffers were reallocated.
         """
         if self.wants_shrink(tokens):
-            self._alloc(_round_up(max(tokens, self.length)), copy=copy)
+            self._alloc(_round_up(max(tokens - self.prefix_len, self.own_length)), copy=copy)
             return True
         return False
 
     def wants_shrink(self, tokens: int) -> bool:
         """Whether :meth:`shrink` (``tokens``) would reallocate."""
-        return 2 * self.capacity > 3 * _round_up(max(tokens, self.length))
+        return 2 * self.capacity > 3 * _round_up(max(tokens - self.prefix_len, self.own_length))
+
+    # -- a shared, read-only prefix ----------------------------------------------------------------
+
+    @property
+    def own_length(self) -> int:
+        """Rows held in this store's own buffers (``length`` less the shared prefix's rows)."""
+        return self.length - self.prefix_len
+
+    def share_prefix(self, prefix: "TokenStore") -> None:
+        """Start this new, empty store with every row of ``prefix``, shared instead of copied.
+
+        The rows are read in place by :meth:`view` and :meth:`attention_segments`; new tokens go
+        to this store's own buffers. Anything that would rewrite a shared row (compaction, span
+        edits, re-rotation, a crop into the prefix, batch reordering, export of the raw buffers)
+        first copies the prefix into this store (:meth:`unshare`), so ``prefix`` itself never
+        changes -- its owner (a ``PrefixCache``) must not change it either. The prefix's residual
+        shadow is copied (it is at most ``2 * residual`` rows).
+        """
+        if self.initialized:
+            raise ValueError("share_prefix: the store already holds tokens")
+        if prefix.prefix is not None or prefix.host_allocator is not None or self.host_allocator is not None:
+            raise ValueError("share_prefix: the prefix must be a device store that shares no prefix itself")
+        if (prefix.fmt, prefix.group_size, prefix.residual) != (self.fmt, self.group_size, self.residual):
+            raise ValueError(f"share_prefix: storage (fmt, group_size, residual) differs: prefix "
+                             f"{(prefix.fmt, prefix.group_size, prefix.residual)}, this store "
+                             f"{(self.fmt, self.group_size, self.residual)}")
+        self.batch, self.heads, self.head_dim = prefix.batch, prefix.heads, prefix.head_dim
+        self.dtype, self.device = prefix.dtype, prefix.device
+        if self.fmt is not None:
+            self.groups = prefix.groups
+        self.capacity = 0
+        self._alloc(0)
+        self.initialized = True
+        self.prefix, self.prefix_len, self.length = prefix, prefix.length, prefix.length
+        if self.residual and prefix.shadow_len:
+            s = prefix.shadow_len
+            self.key_shadow[:, :, :s].copy_(prefix.key_shadow[:, :, :s])
+            self.value_shadow[:, :, :s].copy_(prefix.value_shadow[:, :, :s])
+            self.shadow_len = s
+
+    def unshare(self) -> None:
+        """Copy the shared prefix's rows into this store's own buffers (copy on write); no-op
+        without a shared prefix."""
+        if self.prefix is None:
+            return
+        prefix, p, own = self.prefix, self.prefix_len, self.own_length
+        cap = _round_up(self.length)
+        specs = self._shapes(cap)
+        new = self._new_tensors(list(specs.values()))
+        for name, t in zip(specs, new):
+            t[:, :, :p].copy_(getattr(prefix, name)[:, :, :p])
+            if own:
+                t[:, :, p : p + own].copy_(getattr(self, name)[:, :, :own])
+            setattr(self, name, t)
+        self.capacity = cap
+        self.prefix, self.prefix_len = None, 0
 
     # -- the hot path --------------------------------------------------------------------------
 
@@ -202,7 +264,7 @@ class TokenStore:
         """Write ``key``/``value`` ``[B, H, Q, D]`` at rows ``[length, length + Q)``."""
         q = key.shape[2]
         self.reserve(q)
-        a, b = self.length, self.length + q
+        a, b = self.own_length, self.own_length + q
         if self.fmt is None:
             self.keys[:, :, a:b].copy_(key)
             self.values[:, :, a:b].copy_(value)
@@ -211,7 +273,7 @@ class TokenStore:
             ops.quantize_into_(value, self.value_codes[:, :, a:b], self.value_scales[:, :, a:b], self.fmt)
             if self.residual:
                 self._shadow_append(key, value)
-        self.length = b
+        self.length += q
 
     def _shadow_append(self, key: torch.Tensor, value: torch.Tensor) -> None:
         q, r = key.shape[2], self.residual
@@ -244,7 +306,7 @@ class TokenStore:
         attention may be reading) alone.
         """
         n = self.length
-        if self.fmt is None:
+        if self.fmt is None and self.prefix is None:
             return self.keys[:, :, start:n], self.values[:, :, start:n]
         if exact_key is not None and exact_key.shape[2] >= n - start:
             # Every row asked for was just appended (a first prefill): its exact values are the
@@ -257,8 +319,10 @@ class TokenStore:
             value_out = torch.empty(shape, dtype=self.dtype, device=self.device)
         else:
             key_out, value_out = self.workspace.take(shape, self.dtype, self.device)
-        ops.dequantize_into_(self.key_codes[:, :, start:n], self.key_scales[:, :, start:n], key_out)
-        ops.dequantize_into_(self.value_codes[:, :, start:n], self.value_scales[:, :, start:n], value_out)
+        at = 0
+        for store, lo, hi in self._row_sources(start, n):
+            store._read_rows(lo, hi, key_out[:, :, at : at + hi - lo], value_out[:, :, at : at + hi - lo])
+            at += hi - lo
         r = min(self.residual, self.shadow_len, n - start)
         if r:
             s = self.shadow_len
@@ -269,6 +333,32 @@ class TokenStore:
             key_out[:, :, -q:].copy_(exact_key[:, :, -q:])
             value_out[:, :, -q:].copy_(exact_value[:, :, -q:])
         return key_out, value_out
+
+    def _row_sources(self, start: int, end: int) -> list[tuple["TokenStore", int, int]]:
+        """Rows ``[start, end)`` as ``(store, lo, hi)`` pieces in each store's own buffer rows: the
+        shared prefix's, then this store's."""
+        pieces, p = [], self.prefix_len
+        if start < min(end, p):
+            pieces.append((self.prefix, start, min(end, p)))
+        if end > max(start, p):
+            pieces.append((self, max(start, p) - p, end - p))
+        return pieces
+
+    def _read_rows(self, lo: int, hi: int, key_out: torch.Tensor, value_out: torch.Tensor) -> None:
+        """Own buffer rows ``[lo, hi)`` into ``key_out``/``value_out`` (dequantized when 8-bit)."""
+        if self.fmt is None:
+            key_out.copy_(self.keys[:, :, lo:hi])
+            value_out.copy_(self.values[:, :, lo:hi])
+        else:
+            ops.dequantize_into_(self.key_codes[:, :, lo:hi], self.key_scales[:, :, lo:hi], key_out)
+            ops.dequantize_into_(self.value_codes[:, :, lo:hi], self.value_scales[:, :, lo:hi], value_out)
+
+    def _stored_segment(self, lo: int, hi: int):
+        """Own buffer rows ``[lo, hi)`` as a ``decode_attention`` segment ``(key, value, scales...)``."""
+        if self.fmt is None:
+            return self.keys[:, :, lo:hi], self.values[:, :, lo:hi], None, None
+        return (self.key_codes[:, :, lo:hi], self.value_codes[:, :, lo:hi], self.key_scales[:, :, lo:hi],
+                self.value_scales[:, :, lo:hi])
 
     def attention_segments(self, start: int, exact_key: torch.Tensor, exact_value: torch.Tensor):
         """What :meth:`view` returns, as segments ``decode_attention`` reads in place (no workspace).
@@ -281,7 +371,8 @@ class TokenStore:
         """
         n = self.length
         if self.fmt is None:
-            return [(self.keys[:, :, start:n], self.values[:, :, start:n], None, None, 0)]
+            return [(*store._stored_segment(lo, hi), at - start)
+                    for (store, lo, hi), at in self._with_offsets(start, n)]
         q = min(exact_key.shape[2], n - start)
         exact = max(min(self.residual, self.shadow_len, n - start), q)
         key_tail, value_tail = exact_key[:, :, exact_key.shape[2] - q:], exact_value[:, :, exact_value.shape[2] - q:]
@@ -289,18 +380,25 @@ class TokenStore:
             s = self.shadow_len
             key_tail = torch.cat([self.key_shadow[:, :, s - exact : s - q], key_tail], dim=2)
             value_tail = torch.cat([self.value_shadow[:, :, s - exact : s - q], value_tail], dim=2)
-        segments = []
         split = n - exact
-        if split > start:
-            segments.append((self.key_codes[:, :, start:split], self.value_codes[:, :, start:split],
-                             self.key_scales[:, :, start:split], self.value_scales[:, :, start:split], 0))
+        segments = [(*store._stored_segment(lo, hi), at - start)
+                    for (store, lo, hi), at in self._with_offsets(start, split)]
         segments.append((key_tail, value_tail, None, None, split - start))
         return segments
+
+    def _with_offsets(self, start: int, end: int):
+        """:meth:`_row_sources` pieces with the row each one starts at."""
+        at = start
+        for piece in self._row_sources(start, end):
+            yield piece, at
+            at += piece[2] - piece[1]
 
     # -- structural edits ----------------------------------------------------------------------
 
     def token_tensors(self) -> list[torch.Tensor]:
-        """Every ``[B, H, cap, ...]`` buffer, in the order compaction should see them."""
+        """Every ``[B, H, cap, ...]`` buffer, in the order compaction should see them (a shared
+        prefix is copied in first: callers index them by row)."""
+        self.unshare()
         return [getattr(self, name) for name in self._shapes(0)]
 
     def token_names(self) -> list[str]:
@@ -314,7 +412,7 @@ class TokenStore:
         host sync) for indices built by kvcompact itself.
         """
         n, k = self.length, keep_idx.shape[-1]
-        ops.compact_(self.token_tensors(), keep_idx, validate=validate)
+        ops.compact_(self.token_tensors(), keep_idx, validate=validate)  # unshares
         if self.shadow_len:
             # Kept shadow tokens form a suffix of each row; keep the count all rows share.
             base = n - self.shadow_len
@@ -344,6 +442,7 @@ class TokenStore:
         """memmove rows ``[src_start, src_end)`` to ``dst_start`` (growing the buffers if needed)."""
         if src_end <= src_start or src_start == dst_start:
             return
+        self.unshare()  # before reserve: both count rows of this store's own buffers
         self.reserve(max(0, dst_start + (src_end - src_start) - self.length))
         ops.move_(self.token_tensors(), src_start, src_end, dst_start)
 
@@ -351,6 +450,7 @@ class TokenStore:
         """Re-rotate the keys at rows ``[start, end)`` by ``delta`` positions (RoPE composes)."""
         if delta == 0 or end <= start:
             return
+        self.unshare()
         d = torch.full((end - start,), int(delta), dtype=torch.int64, device=self.device)
         inv = inv_freq.to(self.device, torch.float32)
         if self.fmt is None:
@@ -372,7 +472,7 @@ class TokenStore:
     def copy_shadow(self) -> list[torch.Tensor]:
         """Copies of the residual shadow's valid rows (empty without one)."""
         if not (self.residual and self.shadow_len):
-            return []
+            return []  # (the shadow is this store's own, even with a shared prefix)
         return [t[:, :, : self.shadow_len].clone() for t in (self.key_shadow, self.value_shadow)]
 
     def write_shadow(self, rows: list[torch.Tensor]) -> None:
@@ -387,7 +487,13 @@ class TokenStore:
         return list(self._shapes(0)) + (["key_shadow", "value_shadow"] if self.residual else [])
 
     def buffers(self) -> list[torch.Tensor]:
-        """Every buffer, in :meth:`buffer_names` order."""
+        """Every buffer, in :meth:`buffer_names` order (a shared prefix is copied in first: callers
+        move or replace the buffers whole)."""
+        self.unshare()
+        return [getattr(self, name) for name in self.buffer_names()]
+
+    def buffers_view(self) -> list[torch.Tensor]:
+        """This store's own buffers, as they are (a shared prefix stays shared): for accounting."""
         return [getattr(self, name) for name in self.buffer_names()]
 
     def set_buffers(self, tensors: list[torch.Tensor]) -> None:
@@ -406,7 +512,12 @@ class TokenStore:
     def valid_rows(self) -> dict[str, torch.Tensor]:
         """Views of the rows that hold tokens: ``[:, :, :length]`` of the token buffers and
         ``[:, :, :shadow_len]`` of the shadows (omitted when empty)."""
-        out = {name: getattr(self, name)[:, :, : self.length] for name in self._shapes(0)}
+        if self.prefix is not None:  # a copy joining the shared rows and ours; neither changes
+            p, own = self.prefix_len, self.own_length
+            out = {name: torch.cat([getattr(self.prefix, name)[:, :, :p], getattr(self, name)[:, :, :own]], dim=2)
+                   for name in self._shapes(0)}
+        else:
+            out = {name: getattr(self, name)[:, :, : self.length] for name in self._shapes(0)}
         if self.residual and self.shadow_len:
             for name in ("key_shadow", "value_shadow"):
                 out[name] = getattr(self, name)[:, :, : self.shadow_len]
@@ -426,6 +537,7 @@ class TokenStore:
             if t is None or tuple(t.shape) != shape:
                 got = None if t is None else tuple(t.shape)
                 raise ValueError(f"tensor {name!r}: expected shape {shape}, got {got}")
+        self.unshare()
         self.reserve(length)
         for name, shape in want.items():
             getattr(self, name)[:, :, : shape[2]].copy_(tensors[name])
@@ -437,7 +549,7 @@ class TokenStore:
         n = self.length
         if count >= n:
             return
-        for t in self.token_tensors():
+        for t in self.token_tensors():  # unshares
             # Source and target overlap when count > n - count; a clone of `count` rows is
             # amortised over the window, as callers trim only when the buffer is full.
             t[:, :, :count].copy_(t[:, :, n - count : n].clone())
@@ -447,6 +559,8 @@ class TokenStore:
     def truncate(self, count: int) -> None:
         """Drop the newest ``count`` physical tokens."""
         count = min(count, self.length)
+        if count > self.own_length:  # the crop reaches into the shared rows
+            self.unshare()
         self.length -= count
         self.shadow_len = max(self.shadow_len - count, 0)
 
@@ -454,6 +568,7 @@ class TokenStore:
         """Replace every buffer ``t`` by ``fn(t)`` along the batch dim (reorder, select, repeat)."""
         if not self.initialized:
             return
+        self.unshare()
         names = self.buffer_names()
         mapped = [fn(getattr(self, name)) for name in names]
         if self.host_allocator is not None:  # keep host-resident buffers in the cache's pool
@@ -480,6 +595,7 @@ class TokenStore:
         has ``capacity`` token rows (at least ``length``), shares the workspace, and refuses to
         reallocate. Its contents are the caller's to copy in.
         """
+        self.unshare()
         twin = TokenStore(self.fmt, self.group_size, self.residual, self.workspace)
         twin.batch, twin.heads, twin.head_dim, twin.dtype = self.batch, self.heads, self.head_dim, self.dtype
         if self.fmt is not None:
@@ -498,7 +614,8 @@ class TokenStore:
         """Device bytes held (capacity included, workspace excluded: it belongs to the cache)."""
         if not self.initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        # Own buffers only: a shared prefix's bytes belong to its owner (counted there, once).
+        return sum(t.numel() * t.element_size() for t in self.buffers_view())
 
     def dense_bytes(self, tokens: int) -> int:
         """What ``tokens`` tokens of K and V take in the model dtype."""
