@@ -183,6 +183,12 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
     * Returned K/V: lossless layers return views of their buffers (valid until that layer's next
       update); quantized layers return the shared workspace (valid until the next quantized update
       of any layer) -- attention consumes them before the next layer runs.
+    * Attention from storage: inside ``kvcompact.attach(model, cache)`` (on by default for 8-bit
+      storage) a chunk of at most ``MAX_DEFERRED_QUERIES`` tokens that evicts nothing returns its
+      own K/V, and the model's attention, routed to :mod:`kvcompact.cache.attention`, computes
+      ``kvcompact.ops.decode_attention`` over the stored rows (codes read in place): no workspace.
+    * Shared prefixes: :meth:`shared_copy` makes a cache that reads this one's full-attention rows
+      in place (copy on write); ``kvcompact.agent.PrefixCache`` gives every session one.
     """
 
     def __init__(
