@@ -3,10 +3,12 @@
 // Strategy. Work is split into tasks (batch, KV head, KV split): a task owns
 // the n_rep * Q query rows that read one KV head (GQA), so each key and value
 // row is decoded from storage once and used by all of them. A task walks its
-// split in blocks of kBlock rows: decode a key row to fp32 (scale folded in),
-// dot it with every query row, softcap and mask the scores, update each row's
-// running max and sum (online softmax), then decode the value rows and add
-// them, weighted, to fp32 accumulators. Splits give both cores work when B * Hkv
+// split in blocks of kBlock rows: decode the block's key rows to fp32 (scale
+// folded in; an L1-sized scratch), dot them with every query row (held in
+// registers for head dims 64 and 128), softcap and mask the scores, update each
+// row's running max and sum (online softmax), then decode the block's value rows
+// and add them, weighted, to each row's fp32 accumulator (also held in registers
+// across the block). Splits give both cores work when B * Hkv
 // is small (one decode step of one sequence) and are merged at the end by
 // log-sum-exp, the same rule that merges separately attended segments.
 //
@@ -148,8 +150,55 @@ KVC_INLINE float softcapped(float x, float softcap) {
   return softcap > 0.0f ? softcap * std::tanh(x / softcap) : x;
 }
 
-// One task: query rows of (b, hk) against rows [t0, t1) of the split.
-template <RowKind K, bool V>
+// Scores of query row `q` against the block's decoded keys `kblk` [n, D]: dot * scale, softcapped,
+// -inf outside the row's visible rows [lo, hi). DV > 0: D == DV, the query row lives in registers.
+template <bool V, int DV>
+KVC_INLINE void block_scores(const float* __restrict q, const float* __restrict kblk, int64_t n, int64_t D,
+                             int64_t first, int64_t lo, int64_t hi, const AttentionShape& s, float* __restrict out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  if constexpr (DV > 0) {
+    cpu::vf16 qv[DV / 16];
+    for (int i = 0; i < DV / 16; ++i) qv[i] = cpu::load16(q + 16 * i);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* k = kblk + j * DV;
+      cpu::vf16 a = qv[0] * cpu::load16(k);
+      for (int i = 1; i < DV / 16; ++i) a += qv[i] * cpu::load16(k + 16 * i);
+      const int64_t t = first + j;
+      out[j] = (t >= lo && t < hi) ? softcapped(cpu::hsum16(a) * s.scale, s.softcap) : neg_inf;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = first + j;
+      out[j] = (t >= lo && t < hi) ? softcapped(dot_row<V>(q, kblk + j * D, D) * s.scale, s.softcap) : neg_inf;
+    }
+  }
+}
+
+// acc [D] += sum_j p[j] * vblk[j] (rows with p == 0 skipped: masked rows never touch the sum).
+// DV > 0: D == DV, the accumulator lives in registers for the whole block.
+template <bool V, int DV>
+KVC_INLINE void block_values(const float* __restrict p, const float* __restrict vblk, int64_t n, int64_t D,
+                             float* __restrict acc) {
+  if constexpr (DV > 0) {
+    cpu::vf16 a[DV / 16];
+    for (int i = 0; i < DV / 16; ++i) a[i] = cpu::load16(acc + 16 * i);
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == 0.0f) continue;
+      const cpu::vf16 pj = cpu::splat16(p[j]);
+      const float* v = vblk + j * DV;
+      for (int i = 0; i < DV / 16; ++i) a[i] += pj * cpu::load16(v + 16 * i);
+    }
+    for (int i = 0; i < DV / 16; ++i) cpu::store16(acc + 16 * i, a[i]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] != 0.0f) axpy_row<V>(p[j], vblk + j * D, acc, D);
+    }
+  }
+}
+
+// One task: query rows of (b, hk) against rows [t0, t1) of the split. A block's key rows and
+// value rows are each decoded once into scratch and then used by every query row.
+template <RowKind K, bool V, int DV>
 KVC_INLINE void run_task(const Job& job, int64_t task, float* scratch) {
   const AttentionShape& s = job.s;
   const int64_t D = s.head_dim, Q = s.q_len, R = job.rows;
@@ -161,9 +210,9 @@ KVC_INLINE void run_task(const Job& job, int64_t task, float* scratch) {
   float* acc = job.acc + task * R * D;
   float* row_max = job.row_max + task * R;
   float* row_sum = job.row_sum + task * R;
-  float* kbuf = scratch;              // [D]
-  float* vbuf = kbuf + D;             // [D]
-  float* scores = vbuf + D;           // [R, kBlock]
+  float* kblk = scratch;              // [kBlock, D]
+  float* vblk = kblk + kBlock * D;    // [kBlock, D]
+  float* scores = vblk + kBlock * D;  // [R, kBlock]
   int64_t* lo = reinterpret_cast<int64_t*>(scores + R * kBlock);  // [R]
   int64_t* hi = lo + R;                                           // [R]
 
@@ -192,17 +241,18 @@ KVC_INLINE void run_task(const Job& job, int64_t task, float* scratch) {
   const float* ksbase = s.quantized ? job.kscale + b * job.kss[0] + hk * job.kss[1] : nullptr;
   const float* vsbase = s.quantized ? job.vscale + b * job.vss[0] + hk * job.vss[1] : nullptr;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t Dc = DV > 0 ? DV : D;  // a constant when DV > 0, so loops over it unroll
 
   for (int64_t blk = u0; blk < u1; blk += kBlock) {
     const int64_t n = std::min(kBlock, u1 - blk);
     // Scores of every row against the block's keys.
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = blk + j;
-      load_row<K, V>(kbase + t * job.ks[2] * job.elem, s.quantized ? ksbase + t * job.kss[2] : nullptr, D, G, kbuf);
-      for (int64_t r = 0; r < R; ++r) {
-        const float x = softcapped(dot_row<V>(qrows + r * D, kbuf, D) * s.scale, s.softcap);
-        scores[r * kBlock + j] = (t >= lo[r] && t < hi[r]) ? x : neg_inf;
-      }
+      load_row<K, V>(kbase + t * job.ks[2] * job.elem, s.quantized ? ksbase + t * job.kss[2] : nullptr, Dc, G,
+                     kblk + j * Dc);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      block_scores<V, DV>(qrows + r * Dc, kblk, n, Dc, blk, lo[r], hi[r], s, scores + r * kBlock);
     }
     // Online softmax: rescale what was accumulated when the running max grows.
     for (int64_t r = 0; r < R; ++r) {
@@ -238,26 +288,28 @@ KVC_INLINE void run_task(const Job& job, int64_t task, float* scratch) {
     // Weighted values.
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = blk + j;
-      load_row<K, V>(vbase + t * job.vs[2] * job.elem, s.quantized ? vsbase + t * job.vss[2] : nullptr, D, G, vbuf);
-      for (int64_t r = 0; r < R; ++r) {
-        const float p = scores[r * kBlock + j];
-        if (p != 0.0f) axpy_row<V>(p, vbuf, acc + r * D, D);
-      }
+      load_row<K, V>(vbase + t * job.vs[2] * job.elem, s.quantized ? vsbase + t * job.vss[2] : nullptr, Dc, G,
+                     vblk + j * Dc);
     }
+    for (int64_t r = 0; r < R; ++r) block_values<V, DV>(scores + r * kBlock, vblk, n, Dc, acc + r * Dc);
   }
 }
 
 template <RowKind K>
 KVC_INLINE void run_tasks(const Job& job, int64_t begin, int64_t end) {
   const int64_t R = job.rows, D = job.s.head_dim;
-  // kbuf, vbuf, scores, lo, hi (the int64 arrays take two floats per entry).
-  std::vector<float> scratch(static_cast<size_t>(2 * D + R * kBlock + 4 * R));
+  // kblk, vblk, scores, lo, hi (the int64 arrays take two floats per entry).
+  std::vector<float> scratch(static_cast<size_t>(2 * kBlock * D + R * kBlock + 4 * R));
   const bool vec = D % 16 == 0 && (!job.s.quantized || job.s.group_size % 16 == 0);
   for (int64_t task = begin; task < end; ++task) {
-    if (vec) {
-      run_task<K, true>(job, task, scratch.data());
+    if (vec && D == 64) {
+      run_task<K, true, 64>(job, task, scratch.data());
+    } else if (vec && D == 128) {
+      run_task<K, true, 128>(job, task, scratch.data());
+    } else if (vec) {
+      run_task<K, true, 0>(job, task, scratch.data());
     } else {
-      run_task<K, false>(job, task, scratch.data());
+      run_task<K, false, 0>(job, task, scratch.data());
     }
   }
 }
