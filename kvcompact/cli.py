@@ -476,6 +476,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV reuse across requests: in-place edits (default), common token prefix only, or none")
     p.add_argument("--max-context", type=_positive_int, metavar="N",
                    help="longest prompt + reply in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--max-body-bytes", type=_positive_int, metavar="N",
+                   help="largest chat request body; a longer one gets 413 before it is parsed (default: "
+                        "max(1 MiB, 64 bytes per context token))")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs (auto: a GPU when there is one)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")

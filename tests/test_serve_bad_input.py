@@ -2,7 +2,8 @@
 
 Every case is sent over real HTTP to one server subprocess (a tiny random Llama with the SmolLM2
 tokenizer, so each answer takes milliseconds; ``--max-context 256`` so that any ``max_tokens`` a
-fuzzed request asks for ends quickly and an over-long prompt is cheap to build). Each answer must be
+fuzzed request asks for ends quickly and an over-long prompt is cheap to build; ``--max-body-bytes``
+below its default, so the option is what refuses the bodies just over it). Each answer must be
 a clean OpenAI error body with the status, ``type`` and ``param`` the row names -- never a 5xx --
 and afterwards the server must answer the request it answered before the catalogue, on the session
 every bad request named, with the same greedy reply from the same cached rows: no bad request
@@ -27,6 +28,9 @@ from hypothesis import strategies as st  # noqa: E402
 SESSION = "intact"  # the session every bad chat request names
 CONTROL = "control"  # the same conversation, never named by a bad request
 MAX_CONTEXT = 256
+# Below the 1 MiB default (so a 413 just over it comes from the option), above the 300 KB of the
+# deeply nested bodies below (so those still reach the parser and get its 400).
+MAX_BODY_BYTES = 512 << 10
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 # The request answered before and after the catalogue (fits the 256-token context with its reply).
@@ -50,7 +54,7 @@ def server():
     # A device budget below one session: every idle session is parked, so the check at the end
     # also resumes the named session from host memory.
     srv = Server("--model", str(tiny_model_dir()), "--threads", "1", "--max-context", str(MAX_CONTEXT),
-                 "--max-device-gib", "0.00002")
+                 "--max-body-bytes", str(MAX_BODY_BYTES), "--max-device-gib", "0.00002")
     try:
         yield srv
     finally:
@@ -96,6 +100,12 @@ def _nested(depth: int) -> bytes:
     return b'{"messages": ' + b"[" * depth + b"]" * depth + b"}"
 
 
+def _sized(n: int) -> bytes:
+    """A chat body of exactly ``n`` bytes: one user message of words (cheap to tokenize)."""
+    pad = n - len(_msgs({"role": "user", "content": ""}))
+    return _msgs({"role": "user", "content": ("word " * (pad // 5 + 1))[:pad]})
+
+
 CATALOGUE = [
     # Malformed JSON: the body is refused before anything is routed.
     Case("truncated JSON", 400, body=b'{"messages": [{"role": "user", "con', code="invalid_json"),
@@ -114,9 +124,13 @@ CATALOGUE = [
     Case("Infinity literal", 400, "max_tokens", body=_body().replace(b'"max_tokens": 2', b'"max_tokens": Infinity')),
     Case("form-encoded body", 400, body=b"messages=hi&model=x", code="invalid_json",
          headers={"Content-Type": "application/x-www-form-urlencoded"}),
-    # Over the body limit (max(1 MiB, 64 B per context token)): refused before parsing (was parsed
-    # and tokenized on the model thread: ~14 s for 8 MiB, minutes for 64 MiB).
+    # Over the body limit (--max-body-bytes; default max(1 MiB, 64 B per context token)): refused
+    # before parsing (was parsed and tokenized on the model thread: ~14 s for 8 MiB, minutes for 64 MiB).
     Case("an 8 MiB body", 413, body=_msgs({"role": "user", "content": "x" * (8 << 20)}), code="request_too_large"),
+    Case("a body one byte over --max-body-bytes", 413, body=_sized(MAX_BODY_BYTES + 1), code="request_too_large"),
+    # At the limit the body is parsed: the prompt is refused for its length, not its bytes.
+    Case("a body of exactly --max-body-bytes", 413, "messages", body=_sized(MAX_BODY_BYTES),
+         code="context_length_exceeded"),
     # Messages.
     Case("missing messages", 400, "messages", body=b'{"model": "m"}', code="missing_required_parameter"),
     Case("empty messages", 400, "messages", body=_body(messages=[])),
@@ -227,6 +241,19 @@ def test_accepted_on_purpose(server, before, case):
     status, out, _ = server.request(case.method, case.path, case.body, headers={"X-Session-Id": sid, **case.headers},
                                     timeout=120)
     assert status == 200 and out["object"] == "chat.completion", (case.name, status, out)
+
+
+def test_a_body_over_max_body_bytes_is_refused_and_the_server_answers_after(server):
+    status, out, _ = server.request("POST", "/v1/chat/completions", _sized(MAX_BODY_BYTES + 4096),
+                                    headers={"X-Session-Id": "oversized"}, timeout=120)
+    assert status == 413, (status, out)
+    err = _error(out)
+    assert err["code"] == "request_too_large" and err["type"] == "invalid_request_error", err
+    assert f"at most {MAX_BODY_BYTES} bytes" in err["message"], err
+    # Nothing was routed: the id it named holds no session, and the server answers the next request.
+    assert server.request("GET", "/v1/sessions/oversized")[0] == 404
+    out, sid = server.chat(HI, session="after-oversized", max_tokens=2)
+    assert sid == "after-oversized" and out["choices"][0]["message"]["content"] is not None
 
 
 def test_text_parts_are_answered_as_the_joined_string(server):

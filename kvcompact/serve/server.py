@@ -109,7 +109,8 @@ def serve(args) -> int:
     model, tokenizer, name = load_model(args.model, device)
     manager = build_manager(model, tokenizer, kv_dtype=args.kv_dtype, group_size=args.group_size,
                             max_device_gib=args.max_device_gib, max_host_gib=args.max_host_gib, reuse=args.reuse)
-    app = create_app(manager, model_name=name, api_key=api_key, max_context=args.max_context)
+    app = create_app(manager, model_name=name, api_key=api_key, max_context=args.max_context,
+                     max_body_bytes=args.max_body_bytes)
     print(f"kvcompact serve: {name} on {device} (kv {args.kv_dtype}, reuse {args.reuse}) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
