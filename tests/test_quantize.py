@@ -338,3 +338,133 @@ def test_build_info_reports_the_build():
     assert info["runtime_torch_version"] == torch.__version__
     assert isinstance(info["cuda_kernels"], bool)
     assert bool(info["cuda_archs"]) == info["cuda_kernels"]
+
+
+# --- CPU SIMD fast paths (csrc/cpu/quantize_cpu.cpp, kvcompact/cpu/quant_simd.h)
+#
+# Rows whose last dim is contiguous take explicit AVX-512 / AVX2 kernels: blocks
+# of 8 / 8 / 4 / 2 groups for G = 16 / 32 / 64 / 128 (bf16 loaded as interleaved
+# pairs when G is a multiple of 32; whole contiguous tensors as one run of
+# groups across rows), a masked loop for any other G, and scalar tails on AVX2.
+# These cases put special values inside and across those blocks and vector
+# boundaries, and run under every KVCOMPACT_CPU_ISA level this CPU offers.
+
+
+def _cpu_isas() -> list[str]:
+    """The CPU ISA paths this machine can run, the best first (``KVCOMPACT_CPU_ISA`` values)."""
+    order = ["avx512", "avx2", "scalar"]
+    return order[order.index(kvcompact.build_info()["cpu_isa"]):]
+
+
+CPU_ISAS = _cpu_isas()
+
+FAST_SHAPES = [
+    # (rows, D, group_size)
+    (37, 128, None), (37, 128, 32), (37, 128, 16), (37, 128, 64), (9, 256, 128),
+    (11, 96, 32),    # 3 groups a row: rows run together as blocks of 8, 4 and single groups
+    (13, 160, 32),   # 5 groups a row
+    (13, 192, 64),   # 3 groups of 64 a row
+    (7, 48, 16), (7, 48, 48), (7, 40, None), (7, 40, 8), (5, 24, 12),
+    (5, 100, 20), (5, 33, None), (5, 8, 8), (5, 200, 40), (5, 1000, 250), (3, 17, None),
+]
+
+
+def _fast_input(rows, d, g, dtype, fmt, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = g or d
+    x = torch.randn(rows, d, generator=gen) * torch.logspace(-2, 2, d)
+    x[0] = 0.0                                    # all-zero groups
+    if rows > 1:
+        x[1] = x[1] * 1e-42                       # subnormal (fp32) groups
+    if rows > 2:
+        x[2, -1] = 3.0e38                         # values far past QMAX
+        x[2, 0] = -3.0e38
+    if rows > 3:
+        x[3, g // 2] = float("nan")               # non-finite first group, rest finite
+    if rows > 4:
+        x[4, d - 1] = float("inf")                # non-finite last group
+    if rows > 5:
+        x[5, min(d - 1, 2 * g + 1)] = float("-inf")
+    if rows > 6:
+        x[6] = QMAX[fmt]                          # exactly QMAX: scale 1
+        x[6, ::3] = -QMAX[fmt]
+    if rows > 8:
+        x[8, ::2] = -0.0                          # signed zeros keep their sign bit in fp8
+    for r in range(7, rows, 5):                   # one NaN in a random group
+        x[r, int(torch.randint(0, d, (1,), generator=gen))] = float("nan")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FAST_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fast_path_contiguous_rows(isa, fmt, dtype, shape, monkeypatch):
+    monkeypatch.setenv("KVCOMPACT_CPU_ISA", isa)
+    rows, d, g = shape
+    x = _fast_input(rows, d, g, dtype, fmt, seed=rows * 1000 + d)
+    check_against_reference(x, fmt, g)
+    # The same rows as a transposed [B, H, T, D] view: last dim still contiguous,
+    # rows no longer one run.
+    x4 = x.reshape(1, rows, 1, d).transpose(1, 2)
+    check_against_reference(x4, fmt, g)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("g", [16, 32, 64, 128, 24])
+def test_fast_path_strided_scales(isa, fmt, g, monkeypatch):
+    # Contiguous x and codes rows, scales written through a strided view (the
+    # multi-group blocks store scales as one vector only when contiguous).
+    monkeypatch.setenv("KVCOMPACT_CPU_ISA", isa)
+    x = _fast_input(21, 384 if g == 128 else 192, g, torch.bfloat16, fmt, seed=g)
+    groups = x.shape[-1] // g
+    codes = torch.empty(x.shape, dtype=ref.CODE_DTYPE[fmt])
+    scale_buf = torch.full((x.shape[0], groups * 2), -7.0)
+    ops.quantize_into_(x, codes, scale_buf[:, ::2], fmt)
+    rcodes, rscales = ref.quantize(x, fmt, g)
+    assert_codes_equal(codes, rcodes)
+    assert_scales_equal(scale_buf[:, ::2].contiguous(), rscales)
+    assert torch.all(scale_buf[:, 1::2] == -7.0)
+    for dtype in DTYPES:
+        out = torch.empty(x.shape, dtype=dtype)
+        ops.dequantize_into_(codes, scale_buf[:, ::2], out)
+        assert_same_values(out, ref.dequantize(rcodes, rscales, dtype))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("d,g", [(256, 32), (256, 256), (48, 16), (40, 40), (24, 8)])
+def test_fast_path_dequantize_every_code_and_odd_scales(isa, fmt, d, g, monkeypatch):
+    # Every code (fp8 NaN codes included) under scales that are tiny, huge
+    # (256 * scale overflows: e4m3's folded-scale path must step aside),
+    # negative, zero, infinite and NaN.
+    monkeypatch.setenv("KVCOMPACT_CPU_ISA", isa)
+    rows = 16
+    codes = torch.arange(rows * d).remainder(256).to(torch.uint8).reshape(rows, d)
+    codes = codes.view(ref.CODE_DTYPE[fmt])
+    specials = torch.tensor([1.0, 2.0**-149, 1e-40, 3.0e38, 2.0**120, 1.9e36, -0.75, 0.0, -0.0,
+                             float("inf"), float("-inf"), float("nan"), 1e-3, 448.0, 5e-8, 2.0**-126])
+    scales = specials.reshape(rows, 1).repeat(1, d // g)
+    scales[:, -1] = specials.flip(0)
+    for dtype in DTYPES:
+        assert_same_values(ops.dequantize(codes, scales, dtype), ref.dequantize(codes, scales, dtype))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_fast_path_large_input_matches_reference(isa, monkeypatch):
+    # The benchmark's shape family (many rows, several parallel tasks), bf16.
+    monkeypatch.setenv("KVCOMPACT_CPU_ISA", isa)
+    x = torch.randn(2, 4, 300, 128, dtype=torch.bfloat16)
+    x[1, 2, 17, 5] = float("nan")
+    for fmt in FORMATS:
+        for g in (None, 32):
+            check_against_reference(x, fmt, g)
+
+
+def test_quantize_rejects_unknown_cpu_isa(monkeypatch):
+    monkeypatch.setenv("KVCOMPACT_CPU_ISA", "avx9000")
+    with pytest.raises(ValueError, match="KVCOMPACT_CPU_ISA"):
+        ops.quantize(torch.randn(2, 32), "int8")
+    with pytest.raises(ValueError, match="KVCOMPACT_CPU_ISA"):
+        ops.dequantize(torch.zeros(2, 32, dtype=torch.int8), torch.ones(2, 1))
