@@ -3,7 +3,10 @@
 CPU: median ms of the fused kernel, of kvcompact.reference (torch eager doing
 the same math in several passes) and of ``copy_`` of the input (the memory
 ceiling), with the ratios. CUDA: GB/s (bytes read + written) beside a
-device-to-device copy of the same bytes.
+device-to-device copy of the same bytes. ``quantize`` / ``dequantize`` allocate
+their outputs (a fresh 32 MiB bf16 output is mmapped and page-faulted on every
+call, which ``copy_`` into an existing tensor does not pay); the ``_into_`` rows
+time the kernels alone, writing preallocated buffers as a cache does.
 
     python benchmarks/bench_quantize.py [--quick] [--device cpu|cuda] [--out FILE]
 """
@@ -65,9 +68,15 @@ def main() -> None:
                     src = torch.ones(q_bytes // 4, dtype=torch.bfloat16, device=device)
                     dst = torch.empty_like(src)
                     t_copy = median_ms(lambda: dst.copy_(src), device, repeats)
+                out = torch.empty_like(x)
                 cases = [
                     ("quantize", lambda: ops.quantize(x, fmt, group), lambda: reference.quantize(x, fmt, group)),
                     ("dequantize", lambda: ops.dequantize(codes, scales, torch.bfloat16),
+                     lambda: reference.dequantize(codes, scales, torch.bfloat16)),
+                    # The kernels alone, into preallocated buffers (a cache append, the workspace).
+                    ("quantize_into_", lambda: ops.quantize_into_(x, codes, scales, fmt),
+                     lambda: reference.quantize(x, fmt, group)),
+                    ("dequantize_into_", lambda: ops.dequantize_into_(codes, scales, out),
                      lambda: reference.dequantize(codes, scales, torch.bfloat16)),
                 ]
                 for name, fused, eager in cases:

@@ -375,8 +375,7 @@ class Session:
             return self.attention
         if not self._editable:
             return False
-        shared = any(getattr(getattr(layer, "storage", None), "prefix", None) is not None for layer in self.cache.layers)
-        if self.cache.kv_dtype is None and not shared:
+        if self.cache.kv_dtype is None and not self.cache.shares_prefix:
             return False
         from kvcompact.cache.attention import can_route
 

@@ -559,6 +559,11 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         new.release_workspace()
         return new
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether any layer still reads rows shared with another cache (see :meth:`shared_copy`)."""
+        return any(isinstance(layer, KVCompactLayer) and layer.storage.prefix is not None for layer in self.layers)
+
     def release_workspace(self) -> None:
         """Free the dequantization workspace (it is re-allocated by the next quantized update)."""
         self.workspace.release()
