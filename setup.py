@@ -81,7 +81,13 @@ def extension():
     # encode); it changes no value. -ffp-contract=off keeps the host compiler
     # from fusing a*b+c into an FMA, which would round differently from CUDA
     # and from the torch reference (the rope rotation is the case that bites).
-    extra = {"cxx": opt + ["-fno-fast-math", "-fno-trapping-math", "-ffp-contract=off"]}
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers (torch is an
+    # OpenMP build), so without the flag every CPU kernel ran on one thread whatever
+    # torch.set_num_threads says. The extension then needs libgomp.so.1, which the process already
+    # has: torch's wheel ships it (torch/lib) and libtorch_cpu loads it first, so one OpenMP
+    # runtime serves both.
+    extra = {"cxx": opt + ["-fno-fast-math", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]}
+    link = ["-fopenmp"]
 
     if build_cuda:
         archs = cuda_arch_list()
@@ -106,6 +112,7 @@ def extension():
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args=extra,
+        extra_link_args=link,
     )
 
 
