@@ -9,7 +9,8 @@
 # 3. runs `pytest tests -q -m "not slow"` (CUDA tests run, CPU tests too), then
 #    tests/test_tensor_parallel.py over NCCL on two GPUs (SKIP with fewer);
 # 4. runs each GPU benchmark under benchmarks/ that exists (bench_quantize.py,
-#    bench_compact.py, bench_offload.py, bench_cache.py) with --device cuda and
+#    bench_compact.py, bench_offload.py, bench_cache.py, bench_attention.py: decode
+#    attention GB/s against a device copy of the same bytes) with --device cuda and
 #    --quick where supported, JSON beside its log;
 # 4b. runs the offload="layers" cache decode at 16k context (bench_offload.py
 #    --only-cache-decode), printing torch.cuda.max_memory_allocated;
@@ -155,7 +156,7 @@ else
 fi
 
 # --- 4. benchmarks ---------------------------------------------------------------------
-for bench in bench_quantize bench_compact bench_offload bench_cache; do
+for bench in bench_quantize bench_compact bench_offload bench_cache bench_attention; do
   file="benchmarks/$bench.py"
   [[ -f "$file" ]] || continue
   help="$("$PY" "$file" --help 2>/dev/null || true)"
