@@ -42,8 +42,7 @@ using cpu::kLanes;
 constexpr int64_t kBlock = 32;          // KV rows per online-softmax step
 constexpr int64_t kMinSplitRows = 256;  // a split shorter than this costs more to merge than it saves
 
-// How K/V rows are stored.
-enum class RowKind : int { kF32, kF16, kBF16, kE4M3, kE5M2, kInt8 };
+using RowKind = KVStorage;  // how K/V rows are stored (attention_args.h)
 
 struct Job {
   AttentionShape s;
@@ -344,27 +343,6 @@ RunFn pick_kernel() {
   return &run_generic;
 }
 
-RowKind row_kind(const AttentionShape& s, const at::Tensor& key) {
-  if (s.quantized) {
-    switch (s.fmt) {
-      case QuantFormat::kFp8E4M3: return RowKind::kE4M3;
-      case QuantFormat::kFp8E5M2: return RowKind::kE5M2;
-      case QuantFormat::kInt8: return RowKind::kInt8;
-    }
-  }
-  switch (key.scalar_type()) {
-    case c10::ScalarType::Half: return RowKind::kF16;
-    case c10::ScalarType::BFloat16: return RowKind::kBF16;
-    default: return RowKind::kF32;
-  }
-}
-
-// The last dim must be contiguous for the row loads; anything else is copied (rare: cache
-// buffers and model projections have it).
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
 int64_t choose_splits(const AttentionShape& s) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t heads = std::max<int64_t>(1, s.batch * s.kv_heads);
@@ -404,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& query_
   job.splits = choose_splits(s);
   job.split_len = (s.kv_len + job.splits - 1) / job.splits;
   job.splits = (s.kv_len + job.split_len - 1) / job.split_len;
-  job.kind = row_kind(s, key);
+  job.kind = kv_storage(s, key);
   job.q = query.const_data_ptr<float>();
   job.k = static_cast<const char*>(key.const_data_ptr());
   job.v = static_cast<const char*>(value.const_data_ptr());

@@ -79,8 +79,7 @@ constexpr int kMergeRows = kThreads / 32;   // merge: one warp per output row
 constexpr int kDefaultSmem = 48 * 1024;     // dynamic shared memory without opt-in
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// How K/V rows are stored.
-enum class Kind : int { kF32 = 0, kF16, kBF16, kE4M3, kE5M2, kInt8 };
+using Kind = KVStorage;  // how K/V rows are stored (attention_args.h)
 
 template <Kind K>
 struct KindInfo {
@@ -816,25 +815,6 @@ void launch_kind(Kind kind, bool fallback, const AttnParams& p, dim3 grid, int s
   }
 }
 
-Kind kind_of(const AttentionShape& s, const at::Tensor& key) {
-  if (s.quantized) {
-    switch (s.fmt) {
-      case QuantFormat::kFp8E4M3: return Kind::kE4M3;
-      case QuantFormat::kFp8E5M2: return Kind::kE5M2;
-      case QuantFormat::kInt8: return Kind::kInt8;
-    }
-  }
-  switch (key.scalar_type()) {
-    case c10::ScalarType::Half: return Kind::kF16;
-    case c10::ScalarType::BFloat16: return Kind::kBF16;
-    default: return Kind::kF32;
-  }
-}
-
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
 // Rows of K/V start 16-byte aligned for every (b, hk, t).
 bool rows_aligned16(const at::Tensor& t) {
   return is_aligned16(t.const_data_ptr()) &&
@@ -897,7 +877,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& query
     kscale = last_dim_contiguous(*key_scales);
     vscale = last_dim_contiguous(*value_scales);
   }
-  const Kind kind = kind_of(s, key);
+  const Kind kind = kv_storage(s, key);
   const int64_t elem = key.element_size();
   const c10::DeviceIndex device = query.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);

@@ -121,6 +121,30 @@ inline AttentionShape check_decode_attention(const char* op, const at::Tensor& q
   return s;
 }
 
+// How K/V rows are stored; both backends make it a kernel template argument.
+enum class KVStorage : int { kF32 = 0, kF16, kBF16, kE4M3, kE5M2, kInt8 };
+
+inline KVStorage kv_storage(const AttentionShape& s, const at::Tensor& key) {
+  if (s.quantized) {
+    switch (s.fmt) {
+      case QuantFormat::kFp8E4M3: return KVStorage::kE4M3;
+      case QuantFormat::kFp8E5M2: return KVStorage::kE5M2;
+      case QuantFormat::kInt8: return KVStorage::kInt8;
+    }
+  }
+  switch (key.scalar_type()) {
+    case c10::ScalarType::Half: return KVStorage::kF16;
+    case c10::ScalarType::BFloat16: return KVStorage::kBF16;
+    default: return KVStorage::kF32;
+  }
+}
+
+// The kernels read rows with a contiguous last dim; any other layout is copied first (rare: cache
+// buffers and the model's projections have one).
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
 // Whether query i (0-based) may read row j, per the semantics above.
 inline bool attention_visible(const AttentionShape& s, int64_t i, int64_t j) {
   const int64_t qpos = s.query_start + i;
