@@ -49,7 +49,7 @@ test-py: build
 # folder and run every kernel test file against it (the fuzzing with 200 examples
 # per op instead of 1,000: about a minute on 2 cores).
 KERNEL_TESTS := test_quantize.py test_compact.py test_move.py test_rope.py test_copy_blocks.py \
-	test_compact_schedule.py fuzz
+	test_compact_schedule.py test_attention.py fuzz
 test-cpu-variant: setup
 	rm -rf build/cpu-variant
 	KVCOMPACT_DEVICE=cpu $(PIP) install -q --no-build-isolation --no-deps --target build/cpu-variant .

@@ -239,7 +239,7 @@ def _make_recipe(target: str) -> str:
 
 
 KERNEL_TESTS = ("test_quantize.py", "test_compact.py", "test_move.py", "test_rope.py",
-                "test_copy_blocks.py", "test_compact_schedule.py", "fuzz")
+                "test_copy_blocks.py", "test_compact_schedule.py", "test_attention.py", "fuzz")
 
 
 def test_cpu_variant_runs_every_kernel_test_file():
