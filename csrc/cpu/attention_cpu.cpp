@@ -25,14 +25,19 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kvcompact/attention_args.h"
 #include "kvcompact/cpu/isa.h"
 #include "kvcompact/cpu/lanes.h"
+#include "kvcompact/quant_math.h"
 
 namespace kvcompact {
 namespace {
@@ -101,24 +106,21 @@ KVC_INLINE void load_row(const char* base, const float* scales, int64_t D, int64
     const float* p = reinterpret_cast<const float*>(base);
     for (int64_t i = 0; i < D; ++i) out[i] = p[i];
   } else if constexpr (K == RowKind::kF16 || K == RowKind::kBF16) {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(base);
-    for (int64_t i = 0; i < D; ++i) out[i] = K == RowKind::kF16 ? cpu::decode_f16(p[i]) : cpu::decode_bf16(p[i]);
+    using elem_t = std::conditional_t<K == RowKind::kF16, c10::Half, c10::BFloat16>;
+    const elem_t* p = reinterpret_cast<const elem_t*>(base);
+    for (int64_t i = 0; i < D; ++i) out[i] = static_cast<float>(p[i]);
   } else {
+    // The scalar decode of quant_math.h (the contract's), for layouts the vector path does not take.
+    constexpr QuantFormat kFormat = K == RowKind::kE4M3   ? QuantFormat::kFp8E4M3
+                                    : K == RowKind::kE5M2 ? QuantFormat::kFp8E5M2
+                                                          : QuantFormat::kInt8;
     const uint8_t* p = reinterpret_cast<const uint8_t*>(base);
     for (int64_t g = 0; g < D / G; ++g) {
       const float sc = scales[g];
       const uint8_t* pg = p + g * G;
       float* og = out + g * G;
       for (int64_t i = 0; i < G; ++i) {
-        float x;
-        if constexpr (K == RowKind::kE4M3) {
-          x = cpu::decode_e4m3(pg[i]);
-        } else if constexpr (K == RowKind::kE5M2) {
-          x = cpu::decode_e5m2(pg[i]);
-        } else {
-          x = static_cast<float>(static_cast<int8_t>(pg[i]));
-        }
-        og[i] = x * sc;
+        og[i] = decode<kFormat>(static_cast<typename FormatTraits<kFormat>::code_t>(pg[i])) * sc;
       }
     }
   }

@@ -167,6 +167,7 @@ class Session:
             if why is not None:
                 raise ValueError(f"attention=True: cannot route {type(model).__name__}: {why}")
         self.attention = attention
+        self._model_routable: bool | None = None  # see _routes_attention
         self._entries: list[Entry] = []
         self._pending: list[Message] = []
         self._gen_tail: list = []  # generation-prompt tokens at the end of the cache
@@ -377,9 +378,11 @@ class Session:
             return False
         if self.cache.kv_dtype is None and not self.cache.shares_prefix:
             return False
-        from kvcompact.cache.attention import can_route
+        if self._model_routable is None:  # a property of the model: asked once, not per forward
+            from kvcompact.cache.attention import can_route
 
-        return can_route(self.model) is None
+            self._model_routable = can_route(self.model) is None
+        return self._model_routable
 
     def _run(self, ids: Sequence[int]) -> torch.Tensor | None:
         """Feed ``ids`` in chunks with no bookkeeping (a splice's forward: the cache rolls it back)."""

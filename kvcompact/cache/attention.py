@@ -100,14 +100,15 @@ def _layer_modules(model) -> list:
     return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
 
-def can_route(model) -> str | None:
-    """Why ``model`` cannot be routed (a sentence), or None when it can."""
+def can_route(model, modules: list | None = None) -> str | None:
+    """Why ``model`` cannot be routed (a sentence), or None when it can. ``modules``: its
+    :func:`_layer_modules`, when the caller already has them."""
     current = getattr(model.config, "_attn_implementation", None)
     if current is not None and current.startswith(_PREFIX):
         return None  # already routed by an enclosing attach
     if current not in SUPPORTED_IMPLEMENTATIONS:
         return f"attn_implementation {current!r} (supported: {', '.join(SUPPORTED_IMPLEMENTATIONS)})"
-    if not _layer_modules(model):
+    if not (_layer_modules(model) if modules is None else modules):
         return f"no attention module with a layer_idx in {type(model).__name__}"
     return None
 
@@ -116,7 +117,8 @@ def can_route(model) -> str | None:
 def route(model, cache):
     """Route ``model``'s attention for ``cache``'s short chunks through ``decode_attention`` while the
     block runs (see the module docstring). Raises ``ValueError`` naming why a model cannot be routed."""
-    why = can_route(model)
+    modules = _layer_modules(model)  # one walk of the model per block (a Session enters one per forward)
+    why = can_route(model, modules)
     if why is not None:
         raise ValueError(f"kvcompact.attach(attention=True): cannot route {type(model).__name__}: {why}")
     config = model.config
@@ -124,7 +126,6 @@ def route(model, cache):
     nested = original.startswith(_PREFIX)
     if not nested:
         config._attn_implementation = _register(original)
-    modules = _layer_modules(model)
     previous = [getattr(m, _CACHE_ATTR, None) for m in modules]
     was_routed = cache._attention_route
     ref = weakref.ref(cache)

@@ -12,6 +12,8 @@
 // inlined body takes the caller's ISA while an out-of-line one would not.
 #pragma once
 
+#include <c10/util/floating_point_utils.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -22,17 +24,9 @@ namespace cpu {
 
 constexpr int kLanes = 16;  // one AVX-512 register of fp32, two of AVX2
 
-KVC_INLINE float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-
-KVC_INLINE uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  return b;
-}
+// Bit casts: c10's, the ones quant_math.h uses.
+using c10::detail::fp32_from_bits;
+using c10::detail::fp32_to_bits;
 
 // Sum of kLanes partial sums, as a fixed tree (8 + 8, 4 + 4, ...).
 KVC_INLINE float reduce_lanes(float (&acc)[kLanes]) {
@@ -70,7 +64,8 @@ KVC_INLINE float hsum16(vf16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// 16 storage elements to fp32 (exact; the vector forms of the decoders below).
+// 16 storage elements to fp32, exact: the vector forms of quant_math.h's decode<F> (and of c10's
+// fp16/bf16 conversions), checked against them for every 8-bit code by the tests.
 KVC_INLINE vf16 bits16(vu16 b) {
   vf16 f;
   std::memcpy(&f, &b, sizeof(f));
@@ -182,54 +177,9 @@ KVC_INLINE float exp_nonpositive(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t ni = static_cast<int32_t>(n);
-  const float two_n = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  const float two_n = fp32_from_bits(static_cast<uint32_t>(ni + 127) << 23);
   const float y = p * two_n;
   return nan_in != nan_in ? nan_in : (tiny ? 0.0f : y);
-}
-
-// ---- element decoders: one 8/16-bit storage element to fp32, exact ----------
-// Written with integer ops and selects so lane loops over them vectorize; each
-// equals c10's conversion for every input (tests check all 256 8-bit codes).
-
-// float8_e4m3fn: s eeee mmm, bias 7, no infinities, NaN = s 1111 111.
-KVC_INLINE float decode_e4m3(uint8_t code) {
-  const uint32_t c = code;
-  const uint32_t sign = (c & 0x80u) << 24;
-  const uint32_t e = (c >> 3) & 0xFu;
-  const uint32_t m = c & 0x7u;
-  const float normal = bits_to_float(sign | ((e + 120u) << 23) | (m << 20));
-  const float sub = bits_to_float(float_to_bits(static_cast<float>(static_cast<int32_t>(m)) * 0x1p-9f) | sign);
-  const float v = e ? normal : sub;
-  return (c & 0x7Fu) == 0x7Fu ? bits_to_float(0x7FC00000u | sign) : v;
-}
-
-// float8_e5m2: s eeeee mm, bias 15, IEEE infinities and NaNs.
-KVC_INLINE float decode_e5m2(uint8_t code) {
-  const uint32_t c = code;
-  const uint32_t sign = (c & 0x80u) << 24;
-  const uint32_t e = (c >> 2) & 0x1Fu;
-  const uint32_t m = c & 0x3u;
-  const float normal = bits_to_float(sign | ((e + 112u) << 23) | (m << 21));
-  const float sub = bits_to_float(float_to_bits(static_cast<float>(static_cast<int32_t>(m)) * 0x1p-16f) | sign);
-  const float special = bits_to_float(sign | 0x7F800000u | (m << 21));  // inf, or NaN when m != 0
-  return e == 0x1Fu ? special : (e ? normal : sub);
-}
-
-// float16: s eeeee mmmmmmmmmm, bias 15.
-KVC_INLINE float decode_f16(uint16_t h) {
-  const uint32_t c = h;
-  const uint32_t sign = (c & 0x8000u) << 16;
-  const uint32_t e = (c >> 10) & 0x1Fu;
-  const uint32_t m = c & 0x3FFu;
-  const float normal = bits_to_float(sign | ((e + 112u) << 23) | (m << 13));
-  const float sub = bits_to_float(float_to_bits(static_cast<float>(static_cast<int32_t>(m)) * 0x1p-24f) | sign);
-  const float special = bits_to_float(sign | 0x7F800000u | (m << 13));
-  return e == 0x1Fu ? special : (e ? normal : sub);
-}
-
-// bfloat16: the high half of an fp32.
-KVC_INLINE float decode_bf16(uint16_t h) {
-  return bits_to_float(static_cast<uint32_t>(h) << 16);
 }
 
 }  // namespace cpu
