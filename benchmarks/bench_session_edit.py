@@ -9,7 +9,9 @@ approximation measured here.
 Columns: edit ms vs re-prefill ms (the peer) and their ratio; greedy agreement = length of the
 common prefix of 20 greedy tokens / 20; top-1 = teacher-forced agreement with the peer's greedy
 tokens; ppl ratio = teacher-forced perplexity of a fixed continuation (the first 64 tokens of part
-B as the assistant's reply) under the edited cache / under the peer's cache. One run per case,
+B as the assistant's reply) under the edited cache / under the peer's cache; next-token KL =
+KL(peer || edited) of the next token's distribution, in nats. ``repair=f`` rows recompute the
+fraction ``f`` of the tail the edit changed most (kvcompact.agent.repair). One run per case,
 median of ``--repeats`` timings (3: the first run of a new input shape pays oneDNN setup).
 
 Run: ``python benchmarks/bench_session_edit.py`` (writes benchmarks/out/session_edit.json).
@@ -95,6 +97,9 @@ def main():
         "drop A, reposition=False": lambda s, a: s.drop(a, reposition=False),
         "replace A by summary, recompute_tail": lambda s, a: s.replace(a, summary, recompute_tail=True),
         "drop A, reposition, recompute_tail": lambda s, a: s.drop(a, reposition=True, recompute_tail=True),
+        "replace A by summary, repair=0.1": lambda s, a: s.replace(a, summary, repair=0.1),
+        "drop A, reposition, repair=0.1": lambda s, a: s.drop(a, reposition=True, repair=0.1),
+        "drop A, reposition, repair=0.25": lambda s, a: s.drop(a, reposition=True, repair=0.25),
     }
     rows = []
     refs: dict = {}  # edited token ids -> (ref session, its greedy tokens, its target nll, prefill ms)
@@ -122,7 +127,10 @@ def main():
         agree = next((i for i, (x, y) in enumerate(zip(g_ref, g_edit)) if x != y), args.gen) / args.gen
         top1 = (teacher_forced(s, g_ref).argmax(-1) == torch.tensor(g_ref)).float().mean().item()
         ppl_ratio = float(torch.tensor(nll(teacher_forced(s, target), target) - ref_nll).exp())
-        row = dict(case=name, tokens=len(s.token_ids), edit_ms=statistics.median(edit_ms),
+        p_ref = torch.log_softmax(ref.next_token_logits().double(), -1)
+        p_edit = torch.log_softmax(s.next_token_logits().double(), -1)
+        kl = float((p_ref.exp() * (p_ref - p_edit)).sum())
+        row = dict(case=name, tokens=len(s.token_ids), edit_ms=statistics.median(edit_ms), kl=kl,
                    reprefill_ms=statistics.median(prefill_ms), greedy_agreement=agree, top1_tf=top1,
                    ppl_ratio=ppl_ratio, greedy_ref=tok.decode(g_ref), greedy_edit=tok.decode(g_edit))
         row["ratio"] = row["reprefill_ms"] / row["edit_ms"]
@@ -131,11 +139,11 @@ def main():
 
     print()
     print(f"| case | tokens after edit | edit ms | re-prefill ms (peer) | speedup | greedy agree (of {args.gen}) "
-          "| top-1 TF | ppl ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| top-1 TF | ppl ratio | next-token KL |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['tokens']} | {r['edit_ms']:.0f} | {r['reprefill_ms']:.0f} | {r['ratio']:.1f}x | "
-              f"{r['greedy_agreement']:.2f} | {r['top1_tf']:.2f} | {r['ppl_ratio']:.4f} |")
+              f"{r['greedy_agreement']:.2f} | {r['top1_tf']:.2f} | {r['ppl_ratio']:.4f} | {r['kl']:.4f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

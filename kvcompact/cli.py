@@ -405,6 +405,202 @@ def demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    # Names only: kvcompact.eval (torch, transformers) is imported when the command runs.
+    p.add_argument("--quick", action="store_true",
+                   help='only the traces marked "quick" (of the shipped set, or of --traces), and the quick '
+                        "configurations unless --configs is given (about 3 minutes on a 2-core CPU)")
+    p.add_argument("--traces", nargs="+", metavar="PATH",
+                   help="trace files, or folders whose *.json files are traces (default: the shipped set)")
+    p.add_argument("--configs", nargs="+", metavar="NAME",
+                   help="configurations to compare; 'all', 'default' and 'quick' name those sets (default: the "
+                        "default set; see --list-configs). The reference is added if missing and runs first")
+    p.add_argument("--list-configs", action="store_true",
+                   help="print every known configuration with its description and exit")
+    p.add_argument("--reference", default="dense", metavar="NAME",
+                   help="configuration the KL is measured against, run first (default: dense; none: no KL)")
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                   help="greedy tokens per answer (default: run_eval's, 24)")
+    p.add_argument("--model", metavar="PATH",
+                   help="a local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON (EvalReport.from_json reads it)")
+    p.add_argument("--png", metavar="PATH",
+                   help="plot accuracy against peak KV memory (needs matplotlib: the [demo] extra)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _known_eval_configs() -> list:
+    """Every configuration the eval knows: ``ALL_CONFIGS`` where the module has one, else the defaults."""
+    from kvcompact.eval import configs
+
+    return list(getattr(configs, "ALL_CONFIGS", None) or configs.DEFAULT_CONFIGS)
+
+
+def _trace_paths(paths: Sequence[str]) -> list:
+    """Trace files from ``--traces``: a file as given, a folder as its *.json files (sorted)."""
+    from pathlib import Path
+
+    out = []
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            if not found:
+                raise ValueError(f"--traces {text!r}: the folder holds no *.json trace")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise ValueError(f"--traces {text!r}: no such trace file or folder")
+    return out
+
+
+def _check_output_path(option: str, text: str | None) -> None:
+    # Checked before the run, which can take many minutes, not when the result is written.
+    if text is None:
+        return
+    from pathlib import Path
+
+    parent = Path(text).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {text!r}: the folder {str(parent)!r} does not exist")
+    if Path(text).expanduser().is_dir():
+        raise ValueError(f"{option} {text!r}: is a folder; give a file name")
+
+
+def _load_eval_model(path: str | None):
+    """``(model, tokenizer)`` in eval mode on the CPU: the embedded SmolLM2 for None (as ``demo``
+    loads it), else a local Hugging Face folder. Nothing is downloaded."""
+    if path is None:
+        from kvcompact.models import load_default
+
+        return load_default()
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model {path!r}: not a local Hugging Face model folder (no config.json there; "
+                         "nothing is downloaded)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvcompact.models import _dtype_kwarg
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **_dtype_kwarg(torch.float32),
+                                                 local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return model, tokenizer
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _print_eval_configs(out) -> None:
+    from kvcompact.eval import get_configs
+
+    known = _known_eval_configs()
+    default = {c.name for c in get_configs()}
+    width = max(len(c.name) for c in known)
+    for c in known:
+        mark = "" if c.name in default else "  (not in the default run)"
+        print(f"{c.name.ljust(width)}  {c.description}{mark}".rstrip(), file=out)
+
+
+@command(
+    "eval",
+    help="replay scripted agent traces under each configuration and score the answers",
+    arguments=_eval_arguments,
+    description=(
+        "Task-level quality (docs/eval.md): scripted multi-turn agent traces whose questions have\n"
+        "known answers are replayed under each configuration (dense, re-prefill, in-place edits,\n"
+        "8-bit storage, ...) on the same model; every answer is scored by one rule. Prints one\n"
+        "line per trace and configuration on stderr, then a table (accuracy per question kind,\n"
+        "KL to the reference, peak KV, tokens prefilled); --json and --png save the report.\n\n"
+        "example: kvcompact eval --quick --json eval.json --png eval.png\n"
+        "         kvcompact eval --configs dense reprefill inplace-gap --traces my-traces/"
+    ),
+)
+def eval_command(args: argparse.Namespace) -> int:
+    if args.list_configs:
+        _print_eval_configs(sys.stdout)
+        return 0
+
+    from kvcompact.eval import get_configs, load_traces, run_eval
+
+    # Everything a user can get wrong is checked before the model loads and the run starts.
+    if args.configs is None:
+        configs = get_configs("quick" if args.quick else None)
+    else:
+        configs = get_configs(list(args.configs))
+    reference = None if args.reference.lower() == "none" else args.reference
+    names = [c.name for c in configs]
+    if reference is not None and reference not in names:
+        try:
+            get_configs([reference])
+        except ValueError as err:
+            raise ValueError(f"--reference {reference!r}: {err} (or none: no KL)") from None
+    paths = None if args.traces is None else _trace_paths(args.traces)
+    traces = load_traces(paths, quick=args.quick)
+    _check_output_path("--json", args.json)
+    _check_output_path("--png", args.png)
+    if args.png is not None:
+        from kvcompact.eval.plot import require_matplotlib
+
+        require_matplotlib()  # ImportError naming the extra, before a long run rather than after it
+
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    runs = len(traces) * (len(names) + (reference is not None and reference not in names))
+    done = 0
+
+    def progress(message: str) -> None:
+        nonlocal done
+        done += 1
+        say(f"[{done}/{runs}] {message}")
+
+    questions = sum(len(t.questions) for t in traces)
+    say(f"kvcompact eval: loading {args.model or 'the embedded model'} ...")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet:  # transformers' own "Loading weights" bar too
+        hf_logging.disable_progress_bar()
+    try:
+        model, tokenizer = _load_eval_model(args.model)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    say(f"kvcompact eval: {_count(len(traces), 'trace')}, {_count(questions, 'question')}, "
+        f"{_count(runs // len(traces), 'configuration')}")
+    kwargs = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    report = run_eval(model, tokenizer, configs, traces, reference=reference,
+                      on_progress=None if args.quiet else progress, **kwargs)
+    print(report.table(), flush=True)
+    if args.json is not None:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+            f.write("\n")
+        say(f"wrote {args.json}")
+    if args.png is not None:
+        report.plot(args.png)
+        say(f"wrote {args.png}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # bench
 # --------------------------------------------------------------------------------------
 

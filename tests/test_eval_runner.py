@@ -227,4 +227,62 @@ def test_run_eval_bad_arguments(model, tok):
     with pytest.raises(ValueError, match="max_new_tokens"):
         run_eval(model, tok, ["dense"], [_small_trace()], max_new_tokens=0)
     with pytest.raises(ValueError, match="mode must be one of"):
+        EvalConfig("x", "evict")
+    with pytest.raises(ValueError, match="needs policy and budget_fraction"):
         EvalConfig("x", "budget")
+    with pytest.raises(ValueError, match="needs policy and budget_fraction"):
+        EvalConfig("x", "inplace", policy="snapkv", budget_fraction=0.5)
+    with pytest.raises(ValueError, match="budget_fraction"):
+        EvalConfig("x", "budget", policy="snapkv", budget_fraction=1.5)
+    with pytest.raises(ValueError, match="repair"):
+        EvalConfig("x", "inplace", repair=0.0)
+    with pytest.raises(ValueError, match="repair"):
+        EvalConfig("x", "inplace", repair=0.1, recompute_tail=True)
+    with pytest.raises(ValueError, match="apply to mode 'inplace' only"):
+        EvalConfig("x", "dense", repair=0.1)
+
+
+def test_config_sets():
+    from kvcompact.eval.configs import ALL_CONFIGS, BUDGET_FRACTIONS, BUDGET_POLICIES, DEFAULT_CONFIGS, QUICK_CONFIGS
+    from kvcompact.policies import available_policies
+
+    names = [c.name for c in ALL_CONFIGS]
+    assert len(set(names)) == len(names)
+    budgets = [c for c in ALL_CONFIGS if c.mode == "budget"]
+    assert {(c.policy, c.budget_fraction) for c in budgets} == {(p, f) for p in BUDGET_POLICIES for f in BUDGET_FRACTIONS}
+    assert set(BUDGET_POLICIES) <= set(available_policies())
+    assert {c.name for c in QUICK_CONFIGS} <= {c.name for c in DEFAULT_CONFIGS} <= set(names)
+    assert get_configs() == list(DEFAULT_CONFIGS) and get_configs("all") == list(ALL_CONFIGS)
+    assert get_configs(["quick", "dense", "int8"]) == list(QUICK_CONFIGS) + get_configs(["int8"])
+    with pytest.raises(ValueError, match="unknown eval config"):
+        get_configs(["snapkv-33"])
+
+
+def test_budget_replay_holds_the_budget_and_leaves_no_question(model, tok):
+    """mode 'budget': the cache never holds more than the budget; asking does not touch it."""
+    from kvcompact.eval.replay import BudgetReplayer
+
+    trace = load_traces(quick=True)[0]
+    config = get_configs(["snapkv-25"])[0]
+    r = BudgetReplayer(model, tok, config, trace, {}, max_new_tokens=2)
+    try:
+        for event in trace.events:
+            if event.type == "question":
+                before = (r.cache.get_seq_length(), [t.clone() for t in r.cache.layers[0].storage.view(fresh=True)])
+                r.ask(event.question)
+                assert r.cache.get_seq_length() == before[0]
+                after = r.cache.layers[0].storage.view(fresh=True)
+                assert all(torch.equal(a, b) for a, b in zip(after, before[1]))
+            else:
+                r.event(event)
+            assert max(r.cache.stats().physical_tokens) <= r.budget + r.cache.slack
+        assert r.tokens_prefilled == len(r.fed_ids) > r.budget * 3  # everything fed, a quarter kept
+    finally:
+        r.close()
+
+
+def test_kl_exact_is_zero_for_the_exact_context(quick_report):
+    """reprefill and recompute-tail hold the same context: both have KL 0 from it (up to rounding)."""
+    assert all(q.kl_exact == 0.0 for q in quick_report["reprefill"].questions)
+    assert all(q.kl_exact < 1e-3 for q in quick_report["recompute-tail"].questions)
+    assert quick_report["inplace-gap"].mean_kl_exact > 0

@@ -5,6 +5,9 @@
   back) when messages arrive, equal to tokenizing the full chat-template render.
 - :mod:`~kvcompact.agent.tracker`: :class:`MemoryTracker`, tokens and KV bytes per step.
 - :mod:`~kvcompact.agent.compaction`: :func:`compact_messages` and its :class:`CompactionPlan`.
+- :mod:`~kvcompact.agent.structured`: :func:`structure_output` / :func:`structured_tool`, a tool's
+  raw output shaped to the fields asked for under a token budget, the rest kept in an
+  :class:`OutputStore` by handle (:func:`fetch_output`).
 - :mod:`~kvcompact.agent.checkpoint`: atomic, checksummed checkpoint directories.
 - :mod:`~kvcompact.agent.session`: :class:`Session`, messages as editable cache spans (state, feeding,
   generation); its other jobs, one module each: :mod:`~kvcompact.agent.sampling` (token picking),
@@ -23,6 +26,8 @@ from kvcompact.agent.template import (Increment, RenderState, TemplateError, Tem
 from kvcompact.agent.checkpoint import CheckpointError, model_identity, read_checkpoint, write_checkpoint
 from kvcompact.agent.compaction import (CompactedMessages, CompactionPlan, Drop, Truncation, apply_plan,
                                         compact_messages, plan_compaction)
+from kvcompact.agent.structured import (OutputStore, StructuredOutput, fetch_output, structure_output,
+                                        structured_tool)
 from kvcompact.agent.tracker import ContextGrowthWarning, MemoryTracker, StepRecord
 from kvcompact.agent.session import (PrefixCache, PrefixChangedError, Session, SessionError, SpawnRecord,
                                      prefix_sha256)
@@ -33,6 +38,7 @@ __all__ = ["ROLES", "IdGenerator", "Message", "as_message", "message_ref", "new_
            "ContextGrowthWarning", "MemoryTracker", "StepRecord",
            "CompactedMessages", "CompactionPlan", "Drop", "Truncation", "apply_plan", "compact_messages",
            "plan_compaction",
+           "OutputStore", "StructuredOutput", "fetch_output", "structure_output", "structured_tool",
            "CheckpointError", "model_identity", "read_checkpoint", "write_checkpoint",
            "Session", "SessionError", "SpawnRecord", "PrefixCache", "PrefixChangedError", "prefix_sha256",
            "SyncResult"]

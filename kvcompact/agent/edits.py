@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvcompact.agent.entries import CLOSED, GAP, LIVE, Entry, SessionError
+from kvcompact.agent.repair import check_repair, repair_tail
 
 __all__ = ["drop", "replace", "recompute_from"]
 
@@ -33,7 +34,8 @@ def recompute_from(session, row: int) -> int:
     return max(m, 0)
 
 
-def drop(session, msg_id: str, *, reposition: bool = False, recompute_tail: bool = False) -> int:
+def drop(session, msg_id: str, *, reposition: bool = False, recompute_tail: bool = False,
+         repair: float | None = None) -> int:
     """Evict a message's tokens from the cache in place; returns how many were evicted.
 
     ``reposition=False``: later tokens keep their positions (a gap remains; the logical length
@@ -44,7 +46,10 @@ def drop(session, msg_id: str, *, reposition: bool = False, recompute_tail: bool
     ``recompute_tail=True`` then re-feeds the tokens after the span, so their K/V no longer
     carry what the dropped message said: exact (equal to a re-prefill of the remaining
     messages with ``reposition=True``), at the cost of a forward over the tail only.
+    ``repair=f`` (a fraction in [0, 1]) instead recomputes the fraction ``f`` of those tokens
+    the drop changed most (:mod:`kvcompact.agent.repair`): bounded cost, most of the accuracy.
     """
+    repair = check_repair(repair, recompute_tail, "drop")
     _prepare(session, "drop")
     for i, m in enumerate(session._pending):
         if m.id == msg_id:
@@ -58,6 +63,8 @@ def drop(session, msg_id: str, *, reposition: bool = False, recompute_tail: bool
     session._entries[k].state = CLOSED if reposition else GAP
     if recompute_tail:
         recompute_from(session, start)
+    elif repair:
+        session.last_repair = repair_tail(session, start, repair)
     return length
 
 
@@ -81,7 +88,8 @@ def _render_replacement(session, k: int, msg_id: str, text: str):
     return new_msg, new_ids
 
 
-def replace(session, msg_id: str, text: str, *, recompute_tail: bool = False) -> tuple:
+def replace(session, msg_id: str, text: str, *, recompute_tail: bool = False,
+            repair: float | None = None) -> tuple:
     """Splice ``text`` in place of a message's content; returns ``(old_tokens, new_tokens)``.
 
     The new message's tokens are rendered in context; the cache's ``splice`` opens or closes the
@@ -89,14 +97,16 @@ def replace(session, msg_id: str, text: str, *, recompute_tail: bool = False) ->
     it), and the keys after it are re-rotated by the length change. Tokens after the span are NOT
     recomputed: their KV still reflects the old text (see docs/agent.md for the measured effect).
     ``recompute_tail=True`` then crops the cache after the new text and feeds everything after it
-    again: exact (a re-prefill from the span on), cost proportional to the tail. A pending message
-    is replaced without touching the cache.
+    again: exact (a re-prefill from the span on), cost proportional to the tail; ``repair=f``
+    recomputes only the fraction ``f`` of the tail the edit changed most (:mod:`kvcompact.agent.repair`).
+    A pending message is replaced without touching the cache.
 
     If the splice's forward raises, the cache restores itself and the session is unchanged (same
     messages, token ids and spans); the original exception propagates. If only the tail's
     re-feed (``recompute_tail``) raises, the replacement stands and the tail not yet re-fed is fed
     by the next call (see *Failures* in :mod:`kvcompact.agent.session`).
     """
+    repair = check_repair(repair, recompute_tail, "replace")
     _prepare(session, "replace")
     for i, m in enumerate(session._pending):
         if m.id == msg_id:
@@ -111,4 +121,6 @@ def replace(session, msg_id: str, text: str, *, recompute_tail: bool = False) ->
     session._entries[k] = Entry(new_msg, new_ids, LIVE)
     if recompute_tail:
         recompute_from(session, start + len(new_ids))
+    elif repair:
+        session.last_repair = repair_tail(session, start + len(new_ids), repair)
     return (end - start, len(new_ids))

@@ -35,7 +35,9 @@ State model
   so positions close the gap, and the logical length shrinks by the span length; the cache then
   has the positions of a fresh prefill of the remaining text (keys equal up to the rotation's
   rounding in layer 0). Tokens after an edited span keep K/V computed while the old text was
-  visible, unless ``recompute_tail=True`` re-feeds them (exact; docs/agent.md has the measurements).
+  visible, unless ``recompute_tail=True`` re-feeds them (exact; docs/agent.md has the measurements)
+  or ``repair=f`` recomputes the fraction ``f`` of them the edit changed most
+  (:mod:`~kvcompact.agent.repair`).
 * **Budgets.** A session refuses a cache with a token budget: a budget evicts per head, after which a
   message no longer occupies one token range. Memory is controlled at message level instead (drop,
   replace, :func:`~kvcompact.agent.compaction.compact_messages`), plus 8-bit storage.
@@ -181,6 +183,7 @@ class Session:
         self.last_tool_call = None
         self.last_finish_reason: str | None = None  # of the last generate(): "stop" or "length"
         self.fed_tokens = 0
+        self.last_repair = None  # the RepairResult of the last edit with repair=
 
     def _adopt(self, cache, entries: list, *, pending=(), gen_tail=(), gen_prompt: bool = False,
                prefix: PrefixCache | None = None) -> None:
@@ -564,23 +567,25 @@ class Session:
 
     # ------------------------------------------------------------------ edits (kvcompact.agent.edits)
 
-    def drop(self, msg_id: str, *, reposition: bool = False, recompute_tail: bool = False) -> int:
+    def drop(self, msg_id: str, *, reposition: bool = False, recompute_tail: bool = False,
+             repair: float | None = None) -> int:
         """Evict a message's tokens from the cache in place; returns how many were evicted.
 
         See :func:`kvcompact.agent.edits.drop`.
         """
         from kvcompact.agent import edits
 
-        return edits.drop(self, msg_id, reposition=reposition, recompute_tail=recompute_tail)
+        return edits.drop(self, msg_id, reposition=reposition, recompute_tail=recompute_tail, repair=repair)
 
-    def replace(self, msg_id: str, text: str, *, recompute_tail: bool = False) -> tuple:
+    def replace(self, msg_id: str, text: str, *, recompute_tail: bool = False,
+                repair: float | None = None) -> tuple:
         """Splice ``text`` in place of a message's content; returns ``(old_tokens, new_tokens)``.
 
         See :func:`kvcompact.agent.edits.replace`.
         """
         from kvcompact.agent import edits
 
-        return edits.replace(self, msg_id, text, recompute_tail=recompute_tail)
+        return edits.replace(self, msg_id, text, recompute_tail=recompute_tail, repair=repair)
 
     def sync(self, messages, *, exact: bool = False):
         """Reconcile the whole ``messages`` list (OpenAI chat format) with this session, in place.

@@ -219,6 +219,7 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         self.observed: dict = {}  # layer_idx -> captured queries; filled by kvcompact.attach
         self._padded: bool | None = None  # None: not declared; see note_attention_mask
         self._attention_route = False  # set by kvcompact.attach: decode steps read storage directly
+        self._rewrite = None  # (rows, observe) while SpanEditsMixin.rewriting is active
         self._init_parking(pool)
         # offload="layers": every attention layer's storage on the host, streamed per forward.
         self._streamer = None
@@ -339,6 +340,8 @@ class KVCompactCache(ParkingMixin, SpanEditsMixin, compat.Cache):
         :mod:`kvcompact.cache.offload_layers`).
         """
         self._resident("update")
+        if self._rewrite is not None:
+            return self._rewrite_layer(layer_idx, key_states, value_states)
         layer = self.layers[layer_idx]
         if self._streamer is None or not isinstance(layer, KVCompactLayer):
             return self._update_layer(layer, key_states, value_states, args, kwargs)[:2]

@@ -11,6 +11,9 @@ nothing, and :meth:`SpanEditsMixin.splice` rolls back if the model's forward fai
   rotating by ``p + delta``) and shrinks the logical length. Values carry no position.
 * :meth:`~SpanEditsMixin.splice` -- replace rows ``[start, end)`` by the KV of new tokens the model
   computes against the rows before ``start`` only (``move_`` opens or closes the gap).
+* :meth:`~SpanEditsMixin.rewriting` -- while active, the model's forward over some already-cached
+  tokens writes their new K/V over their own rows instead of appending (bounded repair of the
+  tokens after an edit).
 * :meth:`~SpanEditsMixin.export_state` / :meth:`~SpanEditsMixin.import_state` -- the valid rows of
   every buffer and the length bookkeeping (checkpoints);
   :meth:`~SpanEditsMixin.storage_tensors` / :meth:`~SpanEditsMixin.replace_storage_tensors` --
@@ -21,6 +24,7 @@ Callers never touch a layer's storage or lengths; these methods are the whole in
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -28,6 +32,10 @@ import torch
 from kvcompact.cache.layer import KVCompactLayer
 
 __all__ = ["SpanEditsMixin"]
+
+
+class _StopRewrite(Exception):
+    """Ends a forward inside :meth:`SpanEditsMixin.rewriting` when its observer asks to."""
 
 
 class SpanEditsMixin:
@@ -176,6 +184,65 @@ class SpanEditsMixin:
         if delta:
             tail_start = start + new_len
             self.shift_keys(tail_start, tail_start + (n - end), delta, rope)
+
+    @contextlib.contextmanager
+    def rewriting(self, rows, *, observe: Callable | None = None):
+        """Recompute cached rows in place: while active, ``update`` overwrites instead of appending.
+
+        Inside the ``with`` block, one forward of ``m == len(rows)`` tokens (the caller passes their
+        RoPE positions as ``position_ids`` and a 4-D attention mask over the physical rows) makes
+        ``update(key, value, layer_idx)`` write the new keys/values over physical rows ``rows`` of
+        that layer and return the layer's whole K/V ``[0, physical_length)``. The lengths do not
+        change. Rewrite many rows in chunks with one block per forward, in row order.
+
+        Parameters
+        ----------
+        rows : sequence of int or 1-D int64 tensor
+            Physical rows, strictly increasing, each in ``[0, physical_length)``.
+        observe : callable, optional
+            ``observe(layer_idx, rows, new_key, new_value, old_key, old_value)`` before each layer's
+            write, with the ``[B, H, m, D]`` K/V computed now and those the rows held (dequantized).
+            Returning True stops the forward right after this layer's write (the ``with`` block
+            then ends quietly): the layers written so far keep their new rows, which is the point
+            (a bounded repair scores the rows at an early layer and stops there).
+
+        Raises ``ValueError`` (nothing changed) for a cache span edits cannot apply to, with
+        ``offload="layers"``, or bad ``rows``.
+        """
+        layers = self._check_span("rewriting", 0, self.physical_length)
+        if getattr(self, "_streamer", None) is not None:
+            raise ValueError('rewriting: not available with offload="layers" (its staging slots hold one '
+                             "layer at a time); use a cache without layer offload")
+        n = layers[0].physical_len if layers else 0
+        device = layers[0].storage.device if layers else torch.device("cpu")
+        rows = torch.as_tensor(rows, dtype=torch.int64).flatten().to(device)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n or bool((rows[1:] <= rows[:-1]).any())):
+            raise ValueError(f"rewriting: rows must be strictly increasing and inside the {n} cached rows; "
+                             f"got {rows.tolist()[:8]}{'...' if rows.numel() > 8 else ''}")
+        if self._rewrite is not None:
+            raise ValueError("rewriting: already rewriting (blocks do not nest)")
+        self._rewrite = (rows, observe)
+        try:
+            yield
+        except _StopRewrite:
+            pass
+        finally:
+            self._rewrite = None
+
+    def _rewrite_layer(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        """``update`` inside :meth:`rewriting`: overwrite the block's rows, return the whole layer."""
+        rows, observe = self._rewrite
+        if key.shape[2] != rows.numel():
+            raise RuntimeError(f"rewriting: a forward of {key.shape[2]} tokens over {rows.numel()} rows")
+        storage = self.layers[layer_idx].storage
+        stop = False
+        if observe is not None:
+            old_key, old_value = storage.view(fresh=True)
+            stop = observe(layer_idx, rows, key, value, old_key.index_select(2, rows), old_value.index_select(2, rows))
+        storage.overwrite_rows(rows, key, value)
+        if stop:
+            raise _StopRewrite
+        return storage.view()
 
     @staticmethod
     def _roll_back_splice(layer: KVCompactLayer, start: int, end: int, new_len: int, snap, rows) -> None:

@@ -460,6 +460,35 @@ class TokenStore:
                                       style)
         self.shadow_len = 0  # the full-precision shadow holds unrotated keys
 
+    def overwrite_rows(self, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``key``/``value`` ``[B, H, m, D]`` (model dtype) at physical rows ``rows`` ``[m]``.
+
+        8-bit storage quantizes them first (the same kernel as :meth:`append`), and rows inside the
+        residual window get their exact values there too, so the store reads back as if those rows
+        had been appended with these values.
+        """
+        self.unshare()
+        if self.fmt is None:
+            self.keys.index_copy_(2, rows, key.to(self.dtype))
+            self.values.index_copy_(2, rows, value.to(self.dtype))
+        else:
+            shapes = self._shapes(rows.numel())
+            for x, codes, scales in ((key, "key_codes", "key_scales"), (value, "value_codes", "value_scales")):
+                new_codes = torch.empty(shapes[codes][0], dtype=shapes[codes][1], device=self.device)
+                new_scales = torch.empty(shapes[scales][0], dtype=torch.float32, device=self.device)
+                ops.quantize_into_(x.to(self.dtype).contiguous(), new_codes, new_scales, self.fmt)
+                # as bytes: index_copy_ has no fp8 kernel, and a copy of codes is a copy of bytes
+                getattr(self, codes).view(torch.uint8).index_copy_(2, rows, new_codes.view(torch.uint8))
+                getattr(self, scales).index_copy_(2, rows, new_scales)
+        if self.shadow_len:
+            # Shadow row j holds physical row length - shadow_len + j.
+            base = self.length - self.shadow_len
+            inside = rows >= base
+            if bool(inside.any()):
+                at = rows[inside] - base
+                self.key_shadow.index_copy_(2, at, key[:, :, inside].to(self.dtype))
+                self.value_shadow.index_copy_(2, at, value[:, :, inside].to(self.dtype))
+
     def copy_rows(self, start: int, end: int) -> list[torch.Tensor]:
         """Copies of rows ``[start, end)`` of every token buffer (a backup an edit can roll back to)."""
         return [t[:, :, start:end].clone() for t in self.token_tensors()]

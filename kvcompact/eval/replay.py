@@ -33,12 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from kvcompact.agent.compaction import NOTE, TokenCounter
+from kvcompact.policies.attach import attach
 from kvcompact.agent.messages import Message
 from kvcompact.eval.configs import EvalConfig
 from kvcompact.eval.traces import Event, Question, Trace
 
-__all__ = ["Answer", "Replayer", "DenseReplayer", "InPlaceReplayer", "ReprefillReplayer", "REPLAYERS",
-           "truncated_text", "truncation_texts"]
+__all__ = ["Answer", "Replayer", "DenseReplayer", "InPlaceReplayer", "ReprefillReplayer", "BudgetReplayer", "REPLAYERS",
+           "structured_texts", "truncated_text", "truncation_texts"]
 
 
 def truncated_text(text: str, head_tokens: int, tail_tokens: int, counter: TokenCounter, label: str) -> str:
@@ -52,6 +53,27 @@ def truncated_text(text: str, head_tokens: int, tail_tokens: int, counter: Token
         return text
     removed = total - counter.count(head) - counter.count(tail)
     return head + NOTE.format(removed=removed, total=total, ref=label) + tail
+
+
+def structured_texts(trace: Trace, tokenizer) -> dict:
+    """``label -> structured output`` for every tool output the trace later truncates.
+
+    :func:`kvcompact.agent.structured.structure_output` with the tool event's ``fields`` / ``grep``
+    and the truncation's budget (``head_tokens + tail_tokens``, the model's tokenizer); the handle
+    in its note is the label, as the truncation note's reference is.
+    """
+    from kvcompact.agent.structured import OutputStore, structure_output
+
+    counter = TokenCounter(tokenizer)
+    tools = {e.label: e for e in trace.events if e.type == "tool"}
+    out = {}
+    for e in trace.events:
+        if e.type == "truncate":
+            tool = tools[e.label]
+            out[e.label] = structure_output(tool.content, fields=list(tool.fields) if tool.fields else None,
+                                            grep=tool.grep, budget_tokens=max(e.head_tokens + e.tail_tokens, 1),
+                                            counter=counter, handle=e.label, store=OutputStore()).text
+    return out
 
 
 def truncation_texts(trace: Trace, tokenizer) -> dict:
@@ -106,11 +128,12 @@ class Replayer(abc.ABC):
         pass
 
 
-def _messages_of(event: Event) -> list:
-    """The messages a user/assistant/tool event adds (a tool event: the call, then the output)."""
+def _messages_of(event: Event, shaped: dict | None = None) -> list:
+    """The messages a user/assistant/tool event adds (a tool event: the call, then the output, or
+    ``shaped[label]`` in its place)."""
     if event.type == "tool":
         return [Message("assistant", event.call, id=f"{event.label}:call"),
-                Message("tool", event.content, id=event.label)]
+                Message("tool", (shaped or {}).get(event.label, event.content), id=event.label)]
     return [Message(event.type, event.content)]
 
 
@@ -136,6 +159,7 @@ class _LiveSessionReplayer(Replayer):
         super().__init__(*args, **kwargs)
         from kvcompact.agent import Session
 
+        self._shaped = structured_texts(self.trace, self.tokenizer) if self.config.structured else {}
         self.session = Session(self.model, self.tokenizer, cache=self._cache())
         self.session.add("system", self.trace.system, id="system")
         self._prefill()
@@ -153,7 +177,7 @@ class _LiveSessionReplayer(Replayer):
 
     def event(self, event: Event) -> None:
         if event.type in ("user", "assistant", "tool"):
-            for m in _messages_of(event):
+            for m in _messages_of(event, self._shaped):
                 self.session.add_message(m)
             self._prefill()
         elif event.type in ("truncate", "drop"):
@@ -184,6 +208,8 @@ class InPlaceReplayer(_LiveSessionReplayer):
 
     def edit(self, event: Event) -> None:
         c = self.config
+        if event.type == "truncate" and event.label in self._shaped:
+            return  # shaped when it arrived: nothing left to cut
         if c.recompute_tail:
             # Session.drop/replace(recompute_tail=True) crop the cache from the edit on, and the cache
             # refuses a crop reaching past rows dropped later (a question taken back, an earlier
@@ -191,9 +217,9 @@ class InPlaceReplayer(_LiveSessionReplayer):
             # and removes rows it cannot crop as a span: the same context, through the public API.
             self.session.sync(_edited(self.session.messages, event, self.truncations), exact=True)
         elif event.type == "drop":
-            self.session.drop(event.label, reposition=c.reposition)
+            self.session.drop(event.label, reposition=c.reposition, repair=c.repair)
         else:
-            self.session.replace(event.label, self.truncations[event.label])
+            self.session.replace(event.label, self.truncations[event.label], repair=c.repair)
 
 
 def _edited(messages: list, event: Event, truncations: dict) -> list:
@@ -233,5 +259,92 @@ class ReprefillReplayer(Replayer):
             session.close()
 
 
+class BudgetReplayer(Replayer):
+    """Every message whole, in a cache with a token budget: the eviction policy decides what stays.
+
+    A ``Session`` refuses a budgeted cache (eviction is per head, so messages stop being spans),
+    so this replayer feeds the rendered conversation to the model itself, inside
+    ``kvcompact.attach`` (query-aware policies score with the queries it captures). The budget is
+    ``ceil(budget_fraction * L)`` for ``L`` the trace's longest context (every message whole, as
+    the dense replay holds it). A question is asked on a copy of the cache, so eviction it causes
+    never reaches the trace's own cache. Edits are ignored: the budget is the memory control.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import math
+
+        from kvcompact.agent.template import TemplateRenderer
+
+        self.renderer = TemplateRenderer(self.tokenizer)
+        self.messages = [Message("system", self.trace.system, id="system")]
+        every = self.messages + [m for e in self.trace.events if e.type in ("user", "assistant", "tool")
+                                 for m in _messages_of(e)]
+        self.budget = max(1, math.ceil(self.config.budget_fraction * len(self.renderer.render_ids(every))))
+        self.cache = self._budget_cache()
+        self.fed_ids: list = []
+
+    def _budget_cache(self):
+        from kvcompact.cache import KVCompactCache
+
+        return KVCompactCache(self.model.config, kv_dtype=self.config.kv_dtype, group_size=self.config.group_size,
+                              budget=self.budget, policy=self.config.policy)
+
+    @torch.no_grad()
+    def _feed(self, cache, ids: list, chunk: int = 256) -> torch.Tensor:
+        """Feed ``ids`` after what ``cache`` holds (inside ``attach``); logits of the last token ``[vocab]``."""
+        from kvcompact.cache import compat
+
+        device = next(self.model.parameters()).device
+        logits = None
+        for i in range(0, len(ids), chunk):
+            x = torch.tensor([ids[i:i + chunk]], dtype=torch.long, device=device)
+            logits = self.model(input_ids=x, use_cache=True, logits_to_keep=1,
+                                **compat.cache_kwargs(cache)).logits[0, -1]
+        return logits
+
+    def event(self, event: Event) -> None:
+        if event.type not in ("user", "assistant", "tool"):
+            return
+        self.messages.extend(_messages_of(event))
+        ids = self.renderer.render_ids(self.messages)
+        if ids[:len(self.fed_ids)] != self.fed_ids:
+            raise RuntimeError("BudgetReplayer: the chat template does not render the conversation "
+                               "incrementally (an earlier message's tokens changed)")
+        new = ids[len(self.fed_ids):]
+        with attach(self.model, self.cache):
+            self._feed(self.cache, new)
+        self.fed_ids = ids
+        self.tokens_prefilled += len(new)
+        self.tokens_fed += len(new)
+        self._note_bytes(self.cache)
+
+    def ask(self, question: Question) -> Answer:
+        import copy
+
+        from kvcompact.agent.sampling import eos_ids
+
+        asked = self.renderer.render_ids(self.messages + [Message("user", question.prompt)],
+                                         add_generation_prompt=True)
+        cache = copy.deepcopy(self.cache)  # the question and its reply must not evict from the trace's cache
+        held = min(self.cache.get_seq_length(), self.budget)
+        stop = eos_ids(self.model, self.tokenizer)
+        out: list = []
+        with attach(self.model, cache):
+            logits = first = self._feed(cache, asked[len(self.fed_ids):])
+            for _ in range(self.max_new_tokens):
+                token = int(logits.argmax())
+                if token in stop:
+                    break
+                out.append(token)
+                logits = self._feed(cache, [token])
+        self.tokens_fed += len(asked) - len(self.fed_ids) + len(out)
+        self._note_bytes(cache)
+        del cache
+        reply = self.tokenizer.decode(out, skip_special_tokens=True)
+        return Answer(reply, torch.log_softmax(first.float(), dim=-1), held)
+
+
 #: mode -> replayer class (a new mode registers its replayer here).
-REPLAYERS = {"dense": DenseReplayer, "inplace": InPlaceReplayer, "reprefill": ReprefillReplayer}
+REPLAYERS = {"dense": DenseReplayer, "inplace": InPlaceReplayer, "reprefill": ReprefillReplayer,
+             "budget": BudgetReplayer}

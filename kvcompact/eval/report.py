@@ -1,4 +1,4 @@
-"""What an eval run measured: per question, per configuration, and the whole report (table, JSON)."""
+"""What an eval run measured: per question, per configuration, and the whole report (table, JSON, plot)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class QuestionResult:
     correct: bool
     reason: str = ""
     kl: float | None = None          # KL(reference || this config) of the first reply token, nats
+    kl_exact: float | None = None    # KL(exact edited context || this config), when "reprefill" ran
     context_tokens: int = 0
 
 
@@ -59,6 +60,11 @@ class ConfigResult:
         kls = [q.kl for q in self.questions if q.kl is not None]
         return sum(kls) / len(kls) if kls else None
 
+    @property
+    def mean_kl_exact(self) -> float | None:
+        kls = [q.kl_exact for q in self.questions if q.kl_exact is not None]
+        return sum(kls) / len(kls) if kls else None
+
     def by_kind(self) -> dict:
         """``kind -> (correct, total)`` for the kinds present."""
         out = {}
@@ -70,7 +76,8 @@ class ConfigResult:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "config": self.config, "correct": self.correct, "total": self.total,
-                "accuracy": self.accuracy, "mean_kl": self.mean_kl, "by_kind": self.by_kind(),
+                "accuracy": self.accuracy, "mean_kl": self.mean_kl,
+                "mean_kl_exact": self.mean_kl_exact, "by_kind": self.by_kind(),
                 "peak_kv_bytes": self.peak_kv_bytes, "tokens_prefilled": self.tokens_prefilled,
                 "tokens_fed": self.tokens_fed, "seconds": self.seconds,
                 "questions": [asdict(q) for q in self.questions]}
@@ -113,17 +120,34 @@ class EvalReport:
         return cls(model=d["model"], traces=list(d["traces"]), reference=d["reference"],
                    settings=dict(d["settings"]), configs=[ConfigResult.from_dict(c) for c in d["configs"]])
 
+    def plot(self, path):
+        """Accuracy against peak KV memory, one labelled point per configuration, as a PNG at ``path``.
+
+        Needs matplotlib (``pip install "kvcompact[demo]"``); see :func:`kvcompact.eval.plot.plot_report`.
+        Returns the path written.
+        """
+        from kvcompact.eval.plot import plot_report
+
+        return plot_report(self, path)
+
     def table(self) -> str:
-        """A plain-text table, one row per configuration."""
+        """A plain-text table, one row per configuration.
+
+        "KL dense" is the mean KL from the reference (every message whole); "KL exact" the mean KL
+        from the edited conversation prefilled afresh (``reprefill``), when it ran.
+        """
         kinds = [k for k in KINDS if any(k in c.by_kind() for c in self.configs)]
-        head = ["config", "accuracy"] + kinds + ["mean KL", "peak KV MiB", "prefilled", "fed", "seconds"]
+        head = ["config", "accuracy"] + kinds + ["KL dense", "KL exact", "peak KV MiB", "prefilled", "fed", "seconds"]
+
+        def kl_cell(kl) -> str:
+            return "-" if kl is None or math.isnan(kl) else f"{kl:.4f}"
+
         rows = []
         for c in self.configs:
             bk = c.by_kind()
-            kl = c.mean_kl
             rows.append([c.name, f"{c.correct}/{c.total} ({c.accuracy:.0%})"]
                         + [f"{bk[k][0]}/{bk[k][1]}" if k in bk else "-" for k in kinds]
-                        + ["-" if kl is None or math.isnan(kl) else f"{kl:.4f}", _mib(c.peak_kv_bytes),
+                        + [kl_cell(c.mean_kl), kl_cell(c.mean_kl_exact), _mib(c.peak_kv_bytes),
                            f"{c.tokens_prefilled:,}", f"{c.tokens_fed:,}", f"{c.seconds:.1f}"])
         widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
 

@@ -3,7 +3,10 @@
 For each trace, the reference configuration (``"dense"`` by default) is played first; every other
 configuration is then played on the same events, and at each question the KL divergence of its
 first-token distribution from the reference's is recorded (how much the context it holds changed
-what the model would say, even where the greedy answer is the same).
+what the model would say, even where the greedy answer is the same). When ``"reprefill"`` (the
+edited conversation prefilled afresh) is in the run, it plays second and each question also gets
+``kl_exact``, the KL from that exact edited context: the error an in-place edit leaves in the
+tail's KV, which bounded repair and ``recompute-tail`` are there to remove.
 
 Example (needs a model, so not a doctest)::
 
@@ -27,7 +30,12 @@ from kvcompact.eval.report import ConfigResult, EvalReport, QuestionResult
 from kvcompact.eval.scoring import score
 from kvcompact.eval.traces import Trace, load_traces
 
-__all__ = ["run_eval", "kl_divergence"]
+__all__ = ["run_eval", "kl_divergence", "EXACT"]
+
+#: The configuration holding exactly the edited conversation (a fresh prefill of it); when it is in
+#: a run, every question also records ``kl_exact``, the KL from its first-token distribution: how
+#: far an in-place edit's stale tail, or a repair, is from the context it stands for.
+EXACT = "reprefill"
 
 
 def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -58,7 +66,7 @@ def _check_configs(configs) -> list:
 
 
 def _play(model, tokenizer, config: EvalConfig, trace: Trace, truncations: dict, result: ConfigResult,
-          ref_logprobs: dict | None, max_new_tokens: int) -> dict:
+          ref_logprobs: dict | None, exact_logprobs: dict | None, max_new_tokens: int) -> dict:
     """Play ``trace`` under ``config`` into ``result``; returns ``question id -> first-token logprobs``."""
     t0 = time.perf_counter()
     replayer = REPLAYERS[config.mode](model, tokenizer, config, trace, truncations, max_new_tokens=max_new_tokens)
@@ -71,12 +79,14 @@ def _play(model, tokenizer, config: EvalConfig, trace: Trace, truncations: dict,
             q = event.question
             answer = replayer.ask(q)
             s = score(answer.reply, q.rule)
-            kl = None
+            kl = kl_exact = None
             if ref_logprobs is not None:
                 kl = kl_divergence(ref_logprobs[q.id], answer.logprobs)
+            if exact_logprobs is not None:
+                kl_exact = kl_divergence(exact_logprobs[q.id], answer.logprobs)
             logprobs[q.id] = answer.logprobs
             result.questions.append(QuestionResult(trace=trace.id, question=q.id, kind=q.kind, reply=answer.reply,
-                                                   correct=s.correct, reason=s.reason, kl=kl,
+                                                   correct=s.correct, reason=s.reason, kl=kl, kl_exact=kl_exact,
                                                    context_tokens=answer.context_tokens))
     finally:
         replayer.close()
@@ -115,8 +125,9 @@ def run_eval(model, tokenizer, configs: Sequence = None, traces: Sequence[Trace]
     configs = _check_configs(get_configs() if configs is None else configs)
     if reference is not None and reference not in [c.name for c in configs]:
         configs = get_configs([reference]) + configs
-    if reference is not None:  # the reference plays first on every trace
-        configs = sorted(configs, key=lambda c: c.name != reference)
+    # The reference plays first on every trace, then the exact edited context (if in the run).
+    configs = sorted(configs, key=lambda c: (c.name != reference, c.name != EXACT))
+    exact = EXACT if EXACT in [c.name for c in configs] else None
     traces = list(load_traces() if traces is None else traces)
     if not traces or not all(isinstance(t, Trace) for t in traces):
         raise TypeError("run_eval: traces must be a non-empty sequence of Trace objects (see load_traces)")
@@ -125,15 +136,20 @@ def run_eval(model, tokenizer, configs: Sequence = None, traces: Sequence[Trace]
     results = {c.name: ConfigResult(c.name, c.to_dict()) for c in configs}
     for trace in traces:
         truncations = truncation_texts(trace, tokenizer)
-        ref_logprobs = None
+        ref_logprobs = exact_logprobs = None
         for config in configs:
             before = len(results[config.name].questions)
             logprobs = _play(model, tokenizer, config, trace, truncations, results[config.name],
-                             ref_logprobs if config.name != reference else None, max_new_tokens)
+                             ref_logprobs if config.name != reference else None,
+                             exact_logprobs if config.name != exact else None, max_new_tokens)
             if config.name == reference:
                 ref_logprobs = logprobs
                 for q in results[config.name].questions[before:]:
                     q.kl = 0.0
+            if config.name == exact:
+                exact_logprobs = logprobs
+                for q in results[config.name].questions[before:]:
+                    q.kl_exact = 0.0
             if on_progress is not None:
                 new = results[config.name].questions[before:]
                 on_progress(f"{trace.id} {config.name}: {sum(q.correct for q in new)}/{len(new)}")

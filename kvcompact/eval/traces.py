@@ -21,7 +21,8 @@ Format (docs/eval.md has a full example)::
 
 * ``tool``: the agent's call (an assistant message ``call``) and the tool's output (a tool
   message), both labelled so a later edit can name them; ``output`` is literal text or a
-  generator spec (:mod:`kvcompact.eval.generators`).
+  generator spec (:mod:`kvcompact.eval.generators`). Optional ``fields`` (list of str) and
+  ``grep`` (a regex) say what a structured tool would have been asked for.
 * ``truncate``: the labelled tool output keeps its first ``head_tokens`` and last ``tail_tokens``
   tokens (the model's tokenizer) around the compaction note of :mod:`kvcompact.agent.compaction`
   -- what an agent framework's compaction does; ``drop``: it leaves the context.
@@ -86,6 +87,9 @@ class Event:
         ``truncate`` only.
     question : Question or None
         ``question`` only.
+    fields, grep : tuple of str / str, optional
+        ``tool`` only: what the agent would ask a structured tool for (the ``structured``
+        configuration shapes the output with :func:`kvcompact.agent.structured.structure_output`).
     """
 
     type: str
@@ -95,6 +99,8 @@ class Event:
     head_tokens: int = 0
     tail_tokens: int = 0
     question: Question | None = None
+    fields: tuple | None = None
+    grep: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,9 @@ def _event(ev, where: str, labels: dict, qids: set) -> Event:
         elif not isinstance(output, str) or not output.strip():
             raise _err(where, f"'output' must be a non-empty string or a generator object; got {output!r}")
         labels[label] = "live"
-        return Event(kind, content=output, label=label, call=_text(ev, "call", where))
+        fields = _strings(ev, "fields", where) if "fields" in ev else None
+        grep = _text(ev, "grep", where) if "grep" in ev else None
+        return Event(kind, content=output, label=label, call=_text(ev, "call", where), fields=fields, grep=grep)
     if kind in ("truncate", "drop"):
         label = _text(ev, "label", where)
         state = labels.get(label)
