@@ -153,7 +153,7 @@ def _fake_result():
         result.steps.append(StepRecord(
             step=i, tool=f"cat file{i}", dense_context=100 * i, dense_kv_bytes=1000 * i,
             compact_context=60 * i, compact_kv_bytes=300 * i, compact_dense_equiv_bytes=600 * i,
-            prefill_avoided=10, dense_answer="ok", compact_answer="ok", same_answer=True, seconds=0.1))
+            prefill_avoided=10, dense_answer="ok", compact_answer="ok", seconds=0.1))
     result.edits = {"replaced": 1, "dropped": 0}
     return result
 

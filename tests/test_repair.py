@@ -122,17 +122,26 @@ def test_fraction_rewrites_scanned_layers_and_chosen_rows(model, tok, fraction):
     assert err(part) < err(stale)
 
 
-def test_repair_picks_the_most_changed_rows(model, tok):
-    """The rows right after the edit (whose context changed the most) are among the chosen ones."""
+def test_repair_picks_the_newest_rows_and_the_most_changed(model, tok):
+    """Half the recomputed rows are the newest; the other half are the largest layer-1 deviations."""
+    from kvcompact.agent.repair import RECENT_SHARE, _choose
+
     s, tool = conversation(model, tok)
     stale, tool2 = conversation(model, tok)
     start = tail_start(s, tool)
-    s.drop(tool, reposition=True, repair=0.5)
+    s.drop(tool, reposition=True, repair=0.3)
     stale.drop(tool2, reposition=True)
+    n, k = len(s.token_ids), s.last_repair.recomputed
     top = kv(s.cache)[LAYERS - 1][1][0, 0]
     old = kv(stale.cache)[LAYERS - 1][1][0, 0]
-    changed = (top - old).abs().amax(-1) > 0
-    assert bool(changed[start:].any())
+    changed = ((top - old).abs().amax(-1) > 0).nonzero().flatten()
+    recent = int(RECENT_SHARE * k)
+    assert changed.numel() == k and changed[-recent:].tolist() == list(range(n - recent, n))
+    # the rule itself, on a known deviation
+    dev = torch.tensor([0.0, 5.0, 1.0, 4.0, 0.0, 0.0, 0.0, 9.0])
+    assert _choose(dev, 4).tolist() == [1, 3, 6, 7]  # newest 2 (6, 7), then the top 2 of the rest (1, 3)
+    assert _choose(dev, 1).tolist() == [7]            # int(0.5 * 1) = 0 newest: the top deviation, row 7
+    assert _choose(dev, 8).tolist() == list(range(8))
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])

@@ -11,9 +11,10 @@ proportional to the tail); doing nothing is free but stale. ``repair=f`` recompu
    layer 0 depends on nothing else, layer 1 only on layer 0). At the last scanned layer, each
    token's deviation is the distance between its new and its stored K/V, relative to the stored
    norm. The forward stops there (the observer of :meth:`KVCompactCache.rewriting` asks it to).
-2. **Recompute.** The ``ceil(f * tail)`` tokens with the largest deviation go through every
-   layer, attending to the whole cache (the rows not chosen keep their stale K/V), and their K/V
-   are written over their own rows in every layer.
+2. **Recompute.** ``k = ceil(f * tail)`` tokens -- the newest ``RECENT_SHARE * k`` rows and the
+   largest deviations among the rest (:func:`_choose` says why) -- go through every layer,
+   attending to the whole cache (the rows not chosen keep their stale K/V), and their K/V are
+   written over their own rows in every layer.
 
 Both passes run the model on cached tokens at their own positions and rows
 (:meth:`KVCompactCache.rewriting`): position ids are the tokens' RoPE positions, and a 4-D mask
@@ -34,11 +35,30 @@ import torch
 
 from kvcompact.cache import compat
 
-__all__ = ["SCAN_LAYERS", "RepairResult", "check_repair", "repair_tail"]
+__all__ = ["SCAN_LAYERS", "RECENT_SHARE", "RepairResult", "check_repair", "repair_tail"]
 
 #: Layers every tail token is scanned through; the deviation is read at the last of them. Layer 0's
 #: K/V depend on the token and its position only, so an edit first shows at layer 1.
 SCAN_LAYERS = 2
+#: Share of the recomputed tokens given to the newest rows of the tail, whatever their deviation.
+RECENT_SHARE = 0.5
+
+
+def _choose(deviation: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` tail rows to recompute, in row order: the newest ``RECENT_SHARE * k``, then the
+    largest deviations among the others.
+
+    Why both: the layer-1 deviation finds the tokens whose own context changed most, but on the
+    measured traces it alone recovered little of the gap at 10% (the next queries read the newest
+    rows most, and those rank low when the edit is far from them); the newest rows alone did
+    better, half and half about as well as either's best (docs/eval.md has the numbers).
+    """
+    tail = deviation.numel()
+    recent = min(k, int(RECENT_SHARE * k))
+    others = deviation[: tail - recent]
+    picked = torch.topk(others, k - recent).indices if k > recent else others.new_empty(0, dtype=torch.long)
+    newest = torch.arange(tail - recent, tail, device=deviation.device)
+    return torch.cat([picked.sort().values, newest])
 
 
 @dataclass(frozen=True)
@@ -82,20 +102,20 @@ def _forward_rows(session, rows: torch.Tensor, ids: torch.Tensor, positions: tor
               use_cache=True, logits_to_keep=1, **compat.cache_kwargs(cache))
 
 
-def _scan(session, start: int, rows, ids, positions, scan: int) -> torch.Tensor:
-    """Step 1: the tail through the first ``scan`` layers; returns each tail row's deviation ``[tail]``."""
-    tail = rows.numel()
-    deviation = torch.empty(tail, dtype=torch.float32, device=rows.device)
+def _deviation(session, start: int, rows, ids, positions, depth: int) -> torch.Tensor:
+    """``rows`` (contiguous) through the first ``depth`` layers, their K/V rewritten; returns each
+    row's deviation at layer ``depth - 1``: the relative L2 distance of its new K/V to the stored ones."""
+    deviation = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
 
     def observe(layer_idx, at, new_key, new_value, old_key, old_value):
-        if layer_idx != scan - 1:
+        if layer_idx != depth - 1:
             return False
         diff = (new_key - old_key).float().pow(2).sum((0, 1, 3)) + (new_value - old_value).float().pow(2).sum((0, 1, 3))
         norm = old_key.float().pow(2).sum((0, 1, 3)) + old_value.float().pow(2).sum((0, 1, 3))
         deviation[at - start] = (diff / norm.clamp_min(1e-12)).sqrt()
         return True  # stop the forward here: the later layers are the recompute's job
 
-    for i in range(0, tail, session.prefill_chunk):
+    for i in range(0, rows.numel(), session.prefill_chunk):
         sl = slice(i, i + session.prefill_chunk)
         _forward_rows(session, rows[sl], ids[sl], positions[sl], observe)
     return deviation
@@ -119,7 +139,8 @@ def repair_tail(session, start: int, fraction: float) -> RepairResult:
 
     scan = SCAN_LAYERS if k < tail and num_layers > SCAN_LAYERS else 0
     if scan:
-        chosen = torch.topk(_scan(session, start, rows, ids, positions, scan), k).indices.sort().values
+        deviation = _deviation(session, start, rows, ids, positions, scan)
+        chosen = _choose(deviation, k)
     else:
         chosen = torch.arange(tail, device=device)
     for i in range(0, k, chunk):

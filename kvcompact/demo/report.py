@@ -42,7 +42,33 @@ class LiveTable:
               f"{self.avoided:>15,}", file=self.out, flush=True)
 
 
-def print_summary(result, out=None) -> None:
+def _accuracy_line(result) -> str:
+    acc = result.accuracy()
+    n = acc["dense"]["questions"]
+    if n == 0:
+        return "none asked (the scored questions come at later steps)"
+    return (f"dense {acc['dense']['correct']}/{n}  kvcompact {acc['kvcompact']['correct']}/{n}  "
+            f"(scored questions, asked and taken back)")
+
+
+def _reply(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[:width - 3] + "...")
+
+
+def print_questions(result, out=None) -> None:
+    """One block per scored question: step, kind, the question, each run's reply and verdict."""
+    out = out if out is not None else sys.stdout
+    for q in result.questions:
+        print(f"    step {q.step:>2} {q.kind:<11} {q.question}  (accepts: {', '.join(q.answers)})", file=out)
+        for run, reply, ok, why in (("dense", q.dense_reply, q.dense_correct, q.dense_reason),
+                                    ("kvcompact", q.compact_reply, q.compact_correct, q.compact_reason)):
+            verdict = "right" if ok else f"wrong: {why}"
+            print(f"      {run:<10} {verdict:<40} {_reply(reply)}", file=out)
+
+
+def print_summary(result, out=None, verbose: bool = False) -> None:
+    """The summary block; ``verbose`` adds every scored question under the accuracy line."""
     out = out if out is not None else sys.stdout
     s = result.summary()
     print("\nSummary", file=out)
@@ -56,9 +82,11 @@ def print_summary(result, out=None) -> None:
           f"{s['edits'].get('dropped', 0)} dropped", file=out)
     print(f"  tokens re-prefilled   {s['tokens_reprefilled']} (a message-level compactor without KV "
           f"editing would have re-prefilled {s['prefill_tokens_avoided']:,})", file=out)
-    print(f"  same answers          {s['same_answers']}/{s['steps']} steps", file=out)
-    print(f"  wall time             dense {s['dense_seconds']:.1f} s, kvcompact {s['kvcompact_seconds']:.1f} s",
-          file=out)
+    print(f"  task accuracy         {_accuracy_line(result)}", file=out)
+    if verbose:
+        print_questions(result, out)
+    print(f"  wall time             dense {s['dense_seconds']:.1f} s, kvcompact {s['kvcompact_seconds']:.1f} s "
+          f"(+ {s['question_seconds']:.1f} s answering the scored questions)", file=out)
 
 
 # Printed instead of a plot when matplotlib is missing: the run itself needs nothing from it.

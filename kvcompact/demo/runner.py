@@ -9,16 +9,35 @@ Both runs are :class:`kvcompact.agent.Session` objects fed the same observations
   (observation budget, recent messages kept whole, a token budget) is applied to
   the cache in place: truncated tool outputs through ``Session.replace``, dropped
   ones through ``Session.drop``. Nothing is re-prefilled.
+
+Task accuracy
+-------------
+After some steps both runs answer a scored question (:data:`kvcompact.demo.script.QUESTIONS`),
+scored by :func:`kvcompact.eval.scoring.score`. A question must not stay in the context (the
+next steps would see it), so each is taken back:
+
+* kvcompact: asked on the live session -- add the question, ``generate`` -- then question and
+  reply are dropped with ``Session.drop(reposition=True)``, as the eval's in-place replayer does.
+  Both are the newest rows, so the cache holds the same rows at the same positions as before.
+* DynamicCache: a ``Session`` over it is append-only (``drop`` needs a ``KVCompactCache``), so
+  the question is asked on a copy of the session (``copy.deepcopy``, sharing the model and the
+  tokenizer) that is then thrown away: the answer comes from exactly the DynamicCache context,
+  which the question never touches. The copy exists only while the question is answered and is
+  not counted in the dense run's KV bytes.
+
+Question time is reported apart (``question_seconds``), not in either run's wall time.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kvcompact.demo.script import SYSTEM_PROMPT, TASK, build_steps
+from kvcompact.demo.script import QUESTIONS, SYSTEM_PROMPT, TASK, Question, build_steps
+from kvcompact.eval.scoring import score
 
 
 @dataclass
@@ -30,6 +49,7 @@ class DemoConfig:
     observation_budget: int = 96     # tokens a tool output keeps once it is no longer recent
     keep_recent: int = 4             # messages kept whole at the end (2 steps)
     token_budget: int = 1500         # context tokens the kvcompact run may hold
+    question_tokens: int = 24        # tokens generated for a scored question's reply
 
 
 @dataclass
@@ -44,8 +64,23 @@ class StepRecord:
     prefill_avoided: int
     dense_answer: str
     compact_answer: str
-    same_answer: bool
     seconds: float
+
+
+@dataclass
+class QuestionRecord:
+    """One scored question and both runs' replies (``*_reason`` is empty when correct)."""
+
+    step: int
+    kind: str
+    question: str
+    answers: list
+    dense_reply: str
+    dense_correct: bool
+    dense_reason: str
+    compact_reply: str
+    compact_correct: bool
+    compact_reason: str
 
 
 @dataclass
@@ -54,7 +89,9 @@ class DemoResult:
     device: str
     model: str
     steps: list[StepRecord] = field(default_factory=list)
+    questions: list[QuestionRecord] = field(default_factory=list)
     dense_seconds: float = 0.0
+    question_seconds: float = 0.0
     compact_seconds: float = 0.0
     tokens_reprefilled: int = 0
     edits: dict = field(default_factory=dict)
@@ -71,11 +108,18 @@ class DemoResult:
             "final_context_kvcompact": self.steps[-1].compact_context,
             "tokens_reprefilled": self.tokens_reprefilled,
             "prefill_tokens_avoided": sum(s.prefill_avoided for s in self.steps),
-            "same_answers": sum(s.same_answer for s in self.steps),
+            "accuracy": self.accuracy(),
             "dense_seconds": round(self.dense_seconds, 2),
             "kvcompact_seconds": round(self.compact_seconds, 2),
+            "question_seconds": round(self.question_seconds, 2),
             "edits": self.edits,
         }
+
+    def accuracy(self) -> dict:
+        """``{"dense": {"correct", "questions"}, "kvcompact": {...}}`` over the questions asked."""
+        n = len(self.questions)
+        return {"dense": {"correct": sum(q.dense_correct for q in self.questions), "questions": n},
+                "kvcompact": {"correct": sum(q.compact_correct for q in self.questions), "questions": n}}
 
     def to_dict(self) -> dict:
         return {
@@ -84,6 +128,7 @@ class DemoResult:
             "model": self.model,
             "summary": self.summary(),
             "steps": [asdict(s) for s in self.steps],
+            "questions": [asdict(q) for q in self.questions],
         }
 
 
@@ -144,8 +189,47 @@ def apply_compaction(session, cfg: DemoConfig, tokenizer) -> tuple[int, int, int
     return len(plan.truncated), len(plan.dropped), max(avoided, 0), reprefilled
 
 
-def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None) -> DemoResult:
-    """Runs both sessions step by step; ``on_step(record)`` is called after each step."""
+def ask_and_take_back(session, prompt: str, max_new_tokens: int) -> str:
+    """The greedy reply to ``prompt`` on ``session``'s context, leaving that context as it was.
+
+    A session over a ``KVCompactCache`` answers live and drops question and reply again
+    (``reposition=True``: they are the newest rows, so positions and length return to what they
+    were). Any other cache (an append-only ``DynamicCache``) answers on a throwaway copy of the
+    session that shares the model and the tokenizer. See the module docstring.
+    """
+    from kvcompact import KVCompactCache
+
+    if not isinstance(session.cache, KVCompactCache):
+        shared = {id(session.model): session.model, id(session.tokenizer): session.tokenizer}
+        fork = copy.deepcopy(session, memo=shared)
+        fork.add("user", prompt)
+        return fork.generate(max_new_tokens=max_new_tokens, do_sample=False)
+    question_id = session.add("user", prompt)
+    reply = session.generate(max_new_tokens=max_new_tokens, do_sample=False)
+    reply_id = session.messages[-1].id
+    session.drop(reply_id, reposition=True)
+    session.drop(question_id, reposition=True)
+    return reply
+
+
+def ask_both(dense, compact, question: Question, cfg: DemoConfig) -> QuestionRecord:
+    """Asks ``question`` to both runs (taken back from each) and scores the replies."""
+    dense_reply = ask_and_take_back(dense, question.prompt, cfg.question_tokens)
+    compact_reply = ask_and_take_back(compact, question.prompt, cfg.question_tokens)
+    d, c = score(dense_reply, question.rule), score(compact_reply, question.rule)
+    return QuestionRecord(
+        step=question.step, kind=question.kind, question=question.prompt, answers=list(question.rule.answers),
+        dense_reply=dense_reply, dense_correct=d.correct, dense_reason=d.reason,
+        compact_reply=compact_reply, compact_correct=c.correct, compact_reason=c.reason,
+    )
+
+
+def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None, questions=QUESTIONS) -> DemoResult:
+    """Runs both sessions step by step; ``on_step(record)`` is called after each step.
+
+    ``questions`` (default :data:`kvcompact.demo.script.QUESTIONS`) are asked after their step;
+    those after the last step run are not asked.
+    """
     from transformers import DynamicCache
 
     from kvcompact import KVCompactCache
@@ -167,11 +251,13 @@ def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None) -> DemoResult:
         for i, step in enumerate(steps, 1):
             t0 = time.perf_counter()
             observation = f"$ {step.tool}\n{step.output}"
-            dense.add("tool", observation)
+            # A fixed id per observation: a truncation note names it, so both runs and every rerun
+            # render the same text (a random id would change the note's token count run to run).
+            dense.add("tool", observation, id=f"obs{i}")
             dense_answer = dense.generate(max_new_tokens=cfg.max_new_tokens, do_sample=False)
             t1 = time.perf_counter()
 
-            compact.add("tool", observation)
+            compact.add("tool", observation, id=f"obs{i}")
             fed_before, held_before = compact.fed_tokens, len(compact.token_ids)
             compact_answer = compact.generate(max_new_tokens=cfg.max_new_tokens, do_sample=False)
             # Everything fed beyond what the context grew by was fed twice (a re-prefill).
@@ -194,10 +280,12 @@ def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None) -> DemoResult:
                 compact_dense_equiv_bytes=compact_dense,
                 prefill_avoided=avoided,
                 dense_answer=dense_answer, compact_answer=compact_answer,
-                same_answer=dense_answer.strip() == compact_answer.strip(),
                 seconds=t2 - t0,
             )
             result.steps.append(record)
+            for question in (q for q in questions if q.step == i):
+                result.questions.append(ask_both(dense, compact, question, cfg))
+            result.question_seconds += time.perf_counter() - t2
             if on_step is not None:
                 on_step(record)
     finally:

@@ -5,12 +5,16 @@ tool calls and their outputs are fixed (read from files shipped in ``data/``) so
 both runs of the demo see exactly the same observations; the model's replies are
 real generations. Observations are the realistic kind that dominate an agent's
 context: file reads, test logs, a documentation page, git history.
+
+:data:`QUESTIONS` are the scored questions asked to both runs along the way (task accuracy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+
+from kvcompact.eval.scoring import Rule
 
 SYSTEM_PROMPT = (
     "You are a careful coding agent. You work in a repository through tools "
@@ -97,3 +101,61 @@ def build_steps() -> list[Step]:
         Step("run ruff check inventory.py", "All checks passed!"),
         Step("run python -m pytest tests/ -q", all_green),
     ]
+
+
+#: What the kvcompact run holds of a question's answer when it is asked (see :class:`Question`).
+QUESTION_KINDS = ("kept", "truncated", "instruction")
+
+
+@dataclass(frozen=True)
+class Question:
+    """A scored question, asked to both runs after ``step`` (after that step's compaction) and taken back.
+
+    Attributes
+    ----------
+    step : int
+        Asked after this step's reply (1-based), on the contexts both runs hold then.
+    kind : {"kept", "truncated", "instruction"}
+        Where the answer is in the kvcompact run's context at that moment: ``kept`` -- in an
+        observation it still holds whole; ``truncated`` -- in the part of an observation its
+        compaction cut away (the dense run still holds it); ``instruction`` -- in the task or the
+        system prompt.
+    prompt : str
+        The user message.
+    rule : kvcompact.eval.scoring.Rule
+        How the reply is scored (:func:`kvcompact.eval.scoring.score`).
+    source_step : int
+        The step whose observation states the answer; 0: the system prompt or the task.
+    """
+
+    step: int
+    kind: str
+    prompt: str
+    rule: Rule
+    source_step: int
+
+
+# Chosen so that SmolLM2-135M-Instruct answers each one right on the dense run's context (a
+# question the reference cannot answer measures nothing): a small model answers when the question
+# repeats the words just before the answer in the context and the answer is a few steps back.
+# A fact cut from an observation is asked soon after the cut, while the dense run can still
+# reach it. Budgets: the kvcompact run cuts step k's observation after step k + 2 (DemoConfig:
+# observation_budget 96 tokens, keep_recent 4 messages); it drops the task after step 13.
+QUESTIONS = (
+    Question(1, "instruction", "What kind of fixes does the task ask you to propose?",
+             Rule(answers=("minimal",)), source_step=0),
+    Question(2, "kept", "What ZeroDivisionError message did the test log show?",
+             Rule(answers=("division by zero",)), source_step=2),
+    # the AssertionError line is in the middle of the test log, which is cut after step 4
+    Question(4, "truncated", "What did the AssertionError assert in test_stock_value_rounds?",
+             Rule(answers=("0.32",)), source_step=2),
+    # `reorder_point: int = 10` is line 16 of inventory.py, cut after step 5
+    Question(5, "truncated", "What is the default reorder_point of an Item?",
+             Rule(answers=("10",)), source_step=3),
+    # test_average_price_empty was fixed at step 11: naming it is the stale answer
+    Question(12, "kept", "Which test FAILED in the last test run?",
+             Rule(answers=("stock_value_rounds",), forbidden=("average_price_empty",)), source_step=12),
+    # rule 5 of the spec, re-read at step 19 (the whole spec, read at step 4, is dropped by then)
+    Question(24, "kept", "Which ticket tracks the naive datetime issue?",
+             Rule(answers=("INV-212",)), source_step=19),
+)
