@@ -362,6 +362,8 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the model runs (auto: a GPU when there is one)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=12, metavar="N",
                    help="tokens the model generates after each observation (default 12)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print each scored question with both runs' replies")
 
 
 @command(
@@ -395,7 +397,7 @@ def demo(args: argparse.Namespace) -> int:
     table = LiveTable(steps)
     table.header()
     result = run_demo(model, tokenizer, cfg, on_step=table.row)
-    print_summary(result)
+    print_summary(result, verbose=args.verbose)
     paths = write_outputs(result, args.out)
     if paths["plot"] is None:
         print(f"\nwrote {paths['json']}; {NO_PLOT_NOTE}")
