@@ -61,7 +61,7 @@ test-cpu-variant: setup
 # into a side folder that shadows the newest ones. test_packaging.py checks the
 # model calls there too (past_key_values= is still the current name on 4.57).
 TF_OLDEST ?= transformers>=4.57,<4.58
-TF_OLDEST_TESTS := test_cache.py test_policies.py test_session.py test_packaging.py
+TF_OLDEST_TESTS := test_cache.py test_policies.py test_session.py test_packaging.py test_repair.py
 test-tf-oldest: build
 	rm -rf build/tf-oldest
 	$(PIP) install -q --target build/tf-oldest "$(TF_OLDEST)"
