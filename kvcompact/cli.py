@@ -437,10 +437,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _known_eval_configs() -> list:
-    """Every configuration the eval knows: ``ALL_CONFIGS`` where the module has one, else the defaults."""
-    from kvcompact.eval import configs
+    """Every configuration the eval knows (``kvcompact.eval.configs.ALL_CONFIGS``)."""
+    from kvcompact.eval import get_configs
 
-    return list(getattr(configs, "ALL_CONFIGS", None) or configs.DEFAULT_CONFIGS)
+    return get_configs("all")
 
 
 def _trace_paths(paths: Sequence[str]) -> list:

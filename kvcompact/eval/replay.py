@@ -27,16 +27,18 @@ re-prefill of a fresh session); ``tokens_fed`` adds the tokens fed for questions
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
 from kvcompact.agent.compaction import NOTE, TokenCounter
-from kvcompact.policies.attach import attach
 from kvcompact.agent.messages import Message
 from kvcompact.eval.configs import EvalConfig
 from kvcompact.eval.traces import Event, Question, Trace
+from kvcompact.policies.attach import attach
 
 __all__ = ["Answer", "Replayer", "DenseReplayer", "InPlaceReplayer", "ReprefillReplayer", "BudgetReplayer", "REPLAYERS",
            "structured_texts", "truncated_text", "truncation_texts"]
@@ -60,9 +62,9 @@ def structured_texts(trace: Trace, tokenizer) -> dict:
 
     :func:`kvcompact.agent.structured.structure_output` with the tool event's ``fields`` / ``grep``
     and the truncation's budget (``head_tokens + tail_tokens``, the model's tokenizer); the handle
-    in its note is the label, as the truncation note's reference is.
+    in its note is the label, as the truncation note's reference is (so nothing is stored).
     """
-    from kvcompact.agent.structured import OutputStore, structure_output
+    from kvcompact.agent.structured import structure_output
 
     counter = TokenCounter(tokenizer)
     tools = {e.label: e for e in trace.events if e.type == "tool"}
@@ -72,7 +74,7 @@ def structured_texts(trace: Trace, tokenizer) -> dict:
             tool = tools[e.label]
             out[e.label] = structure_output(tool.content, fields=list(tool.fields) if tool.fields else None,
                                             grep=tool.grep, budget_tokens=max(e.head_tokens + e.tail_tokens, 1),
-                                            counter=counter, handle=e.label, store=OutputStore()).text
+                                            counter=counter, handle=e.label).text
     return out
 
 
@@ -272,8 +274,6 @@ class BudgetReplayer(Replayer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        import math
-
         from kvcompact.agent.template import TemplateRenderer
 
         self.renderer = TemplateRenderer(self.tokenizer)
@@ -320,8 +320,6 @@ class BudgetReplayer(Replayer):
         self._note_bytes(self.cache)
 
     def ask(self, question: Question) -> Answer:
-        import copy
-
         from kvcompact.agent.sampling import eos_ids
 
         asked = self.renderer.render_ids(self.messages + [Message("user", question.prompt)],
