@@ -21,6 +21,7 @@ the extra that installs it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -429,7 +430,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="greedy tokens per answer (default: run_eval's, 24)")
     p.add_argument("--model", metavar="PATH",
                    help="a local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--jobs", type=_positive_int, metavar="N",
+                   help="plays run at once, each in a worker process with its own copy of the model (default: "
+                        "the CPU cores this process may use, at most 4; 1: everything in this process)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads per play (default: the cores left to each job, at least 1)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON (EvalReport.from_json reads it)")
     p.add_argument("--png", metavar="PATH",
                    help="plot accuracy against peak KV memory (needs matplotlib: the [demo] extra)")
@@ -475,6 +480,19 @@ def _check_output_path(option: str, text: str | None) -> None:
         raise ValueError(f"{option} {text!r}: is a folder; give a file name")
 
 
+def _load_eval_model_config(path: str | None):
+    """The folder of ``--model`` (None: the embedded model); ValueError if it is no model folder."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model {path!r}: not a local Hugging Face model folder (no config.json there; "
+                         "nothing is downloaded)")
+    return folder
+
+
 def _load_eval_model(path: str | None):
     """``(model, tokenizer)`` in eval mode on the CPU: the embedded SmolLM2 for None (as ``demo``
     loads it), else a local Hugging Face folder. Nothing is downloaded."""
@@ -482,12 +500,7 @@ def _load_eval_model(path: str | None):
         from kvcompact.models import load_default
 
         return load_default()
-    from pathlib import Path
-
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"--model {path!r}: not a local Hugging Face model folder (no config.json there; "
-                         "nothing is downloaded)")
+    folder = _load_eval_model_config(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -497,6 +510,22 @@ def _load_eval_model(path: str | None):
                                                  local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer
+
+
+def _load_eval_model_in_worker(path: str | None):
+    """``_load_eval_model`` in an eval worker process, without transformers' progress bar (several
+    workers load at once; their bars would interleave)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return _load_eval_model(path)
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _count(n: int, noun: str) -> str:
@@ -558,8 +587,11 @@ def eval_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    cores = _usable_cores()
+    jobs = args.jobs if args.jobs is not None else min(cores, 4)
+    threads = args.threads if args.threads is not None else max(1, cores // jobs)
+    if jobs == 1:
+        torch.set_num_threads(threads)
 
     def say(message: str) -> None:
         if not args.quiet:
@@ -574,22 +606,29 @@ def eval_command(args: argparse.Namespace) -> int:
         say(f"[{done}/{runs}] {message}")
 
     questions = sum(len(t.questions) for t in traces)
-    say(f"kvcompact eval: loading {args.model or 'the embedded model'} ...")
-    from transformers.utils import logging as hf_logging
+    model = tokenizer = None
+    if jobs == 1:
+        say(f"kvcompact eval: loading {args.model or 'the embedded model'} ...")
+        from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    if args.quiet:  # transformers' own "Loading weights" bar too
-        hf_logging.disable_progress_bar()
-    try:
-        model, tokenizer = _load_eval_model(args.model)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+        bars = hf_logging.is_progress_bar_enabled()
+        if args.quiet:  # transformers' own "Loading weights" bar too
+            hf_logging.disable_progress_bar()
+        try:
+            model, tokenizer = _load_eval_model(args.model)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+    else:
+        _load_eval_model_config(args.model)  # a bad --model fails here, not in every worker
+        say(f"kvcompact eval: {jobs} worker processes ({_count(threads, 'thread')} each), each loading "
+            f"{args.model or 'the embedded model'} ...")
     say(f"kvcompact eval: {_count(len(traces), 'trace')}, {_count(questions, 'question')}, "
         f"{_count(runs // len(traces), 'configuration')}")
     kwargs = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     report = run_eval(model, tokenizer, configs, traces, reference=reference,
-                      on_progress=None if args.quiet else progress, **kwargs)
+                      on_progress=None if args.quiet else progress, jobs=jobs, threads=threads,
+                      load_model=functools.partial(_load_eval_model_in_worker, args.model), **kwargs)
     print(report.table(), flush=True)
     if args.json is not None:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -51,7 +51,7 @@ def _run(capsys, *argv):
 def test_quick_run_writes_json_and_png(model_dir, tmp_path, capsys, one_thread):
     js, png = tmp_path / "eval.json", tmp_path / "eval.png"
     status, out, err = _run(capsys, "--model", model_dir, "--quick", "--configs", "dense", "inplace-gap",
-                            "--max-new-tokens", 2, "--threads", one_thread, "--json", js, "--png", png)
+                            "--max-new-tokens", 2, "--jobs", 1, "--threads", one_thread, "--json", js, "--png", png)
     assert status == 0, err
     assert torch.get_num_threads() == one_thread
     quick = load_traces(quick=True)
@@ -83,8 +83,8 @@ def test_reference_none_has_no_kl_and_traces_may_be_a_folder(model_dir, smallest
     shutil.copy(smallest_trace, folder)
     js = tmp_path / "eval.json"
     status, out, err = _run(capsys, "--model", model_dir, "--traces", folder, "--configs", "dense", "reprefill",
-                            "--reference", "none", "--max-new-tokens", 2, "--threads", one_thread, "--json", js,
-                            "--quiet")
+                            "--reference", "none", "--max-new-tokens", 2, "--jobs", 1, "--threads", one_thread,
+                            "--json", js, "--quiet")
     assert status == 0, err
     assert err == ""  # --quiet: no progress, no loading bars
     report = EvalReport.from_json(js.read_text())
@@ -94,6 +94,33 @@ def test_reference_none_has_no_kl_and_traces_may_be_a_folder(model_dir, smallest
     header, _, *rows = out.splitlines()
     kl_at = header.index("KL dense")  # values are right-aligned under their header
     assert all(row[kl_at:kl_at + len("KL dense")].strip() == "-" for row in rows)
+
+
+def test_worker_processes_give_the_same_report(model_dir, smallest_trace, tmp_path, capsys, one_thread):
+    """--jobs 2: the plays run in two spawned worker processes that load --model themselves; the
+    report is the one a single process writes (plays are deterministic, the KL is computed after)."""
+    reports = {}
+    for jobs in (1, 2):
+        js = tmp_path / f"eval-{jobs}.json"
+        status, out, err = _run(capsys, "--model", model_dir, "--traces", smallest_trace, "--configs", "dense",
+                                "reprefill", "inplace-gap", "--max-new-tokens", 2, "--jobs", jobs, "--threads",
+                                one_thread, "--json", js)
+        assert status == 0, err
+        assert "Traceback" not in err and sum(line.startswith("[") for line in err.splitlines()) == 3
+        reports[jobs] = EvalReport.from_json(js.read_text())
+    assert "2 worker processes (1 thread each)" in err
+    one, two = reports[1], reports[2]
+    assert two.settings["jobs"] == 2 and one.settings["jobs"] == 1
+    assert [c.name for c in two.configs] == [c.name for c in one.configs] == ["dense", "reprefill", "inplace-gap"]
+    for a, b in zip(one.configs, two.configs):
+        assert (a.peak_kv_bytes, a.tokens_prefilled, a.tokens_fed) == (b.peak_kv_bytes, b.tokens_prefilled,
+                                                                       b.tokens_fed)
+        for qa, qb in zip(a.questions, b.questions, strict=True):
+            assert (qa.question, qa.reply, qa.correct, qa.kl, qa.kl_exact) == (qb.question, qb.reply, qb.correct,
+                                                                               qb.kl, qb.kl_exact)
+    # the KL really was computed from the workers' plays
+    assert all(q.kl is not None and q.kl_exact is not None for c in two.configs for q in c.questions)
+    assert max(q.kl for q in two["reprefill"].questions) > 0
 
 
 def test_list_configs_prints_every_known_config(capsys):

@@ -226,6 +226,16 @@ def test_run_eval_bad_arguments(model, tok):
         run_eval(model, tok, ["dense", "dense"], [_small_trace()])
     with pytest.raises(ValueError, match="max_new_tokens"):
         run_eval(model, tok, ["dense"], [_small_trace()], max_new_tokens=0)
+    with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+        run_eval(model, tok, ["dense"], [_small_trace()], jobs=0)
+    with pytest.raises(ValueError, match="jobs > 1 needs load_model"):
+        run_eval(model, tok, ["dense"], [_small_trace()], jobs=2)
+    with pytest.raises(ValueError, match="model and tokenizer are required"):
+        run_eval(None, None, ["dense"], [_small_trace()])
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        run_eval(model, tok, ["dense"], [_small_trace()], threads=0)
+    with pytest.raises(ValueError, match="trace ids must be unique"):
+        run_eval(model, tok, ["dense"], [_small_trace(), _small_trace()])
     with pytest.raises(ValueError, match="mode must be one of"):
         EvalConfig("x", "evict")
     with pytest.raises(ValueError, match="needs policy and budget_fraction"):
