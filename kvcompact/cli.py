@@ -374,8 +374,9 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     description=(
         "The main job: a scripted coding-agent session (24 tool calls with real file reads,\n"
         "test logs and a docs page) on the embedded SmolLM2-135M-Instruct model, run once with\n"
-        "transformers' DynamicCache and once with kvcompact (fp8 KV, observation budgets and\n"
-        "a token budget applied as in-place cache edits). Prints a live table, a summary, and\n"
+        "transformers' DynamicCache and once with kvcompact (int8 KV, observation budgets and\n"
+        "a token budget applied as in-place cache edits with bounded repair). Prints a live\n"
+        "table, a summary, and\n"
         "writes demo.json and demo.png to --out."
     ),
 )

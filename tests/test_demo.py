@@ -176,3 +176,27 @@ def test_the_demo_questions_are_answerable_from_what_the_script_feeds():
             assert not any(_contains(cut[f"obs{q.source_step}"], a) for a in q.rule.answers), q.prompt
         elif q.kind == "kept":
             assert f"obs{q.source_step}" not in cut, q.prompt
+
+
+def test_the_demo_runs_the_eval_configuration_it_cites():
+    """The demo's storage and edit settings are the eval's DEMO_CONFIG row (docs/eval.md measures it)."""
+    from kvcompact.demo.runner import DemoConfig
+    from kvcompact.eval.configs import DEMO_CONFIG, get_configs
+
+    row, cfg = get_configs([DEMO_CONFIG])[0], DemoConfig()
+    assert (cfg.kv_dtype, cfg.group_size, cfg.reposition, cfg.repair) == (row.kv_dtype, row.group_size,
+                                                                          row.reposition, row.repair)
+    assert row.kv_dtype is not None and row.repair and not row.recompute_tail
+
+
+def test_edits_are_repaired_not_reprefilled(tiny):
+    """Every edit of the tiny run is repaired in place: tokens recomputed, no message fed twice."""
+    from kvcompact.demo.runner import DemoConfig, run_demo
+
+    model, tok = tiny
+    repaired = run_demo(model, tok, DemoConfig(**TINY), questions=()).summary()
+    plain = run_demo(model, tok, DemoConfig(**TINY, repair=None), questions=()).summary()
+    assert repaired["edits"] == plain["edits"] and repaired["edits"]["replaced"] + repaired["edits"]["dropped"] > 0
+    assert repaired["tokens_repaired"] > 0 == plain["tokens_repaired"]
+    # repair's forwards are counted as repair, not as a re-prefill (the same count as without it)
+    assert repaired["tokens_reprefilled"] == plain["tokens_reprefilled"]

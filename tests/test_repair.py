@@ -46,6 +46,15 @@ def conversation(model, tok, kv_dtype=None, **kw):
     return s, tool
 
 
+@pytest.fixture
+def no_floor(monkeypatch):
+    """The pure fraction: this conversation's tail (~40 tokens) is near MIN_ROWS, which would
+    otherwise decide how many rows are recomputed (test_short_tails_are_recomputed_whole covers it)."""
+    import kvcompact.agent.repair as repair
+
+    monkeypatch.setattr(repair, "MIN_ROWS", 0)
+
+
 def kv(cache):
     return [tuple(t.clone() for t in layer.storage.view(fresh=True)) for layer in cache.layers]
 
@@ -85,7 +94,7 @@ def test_zero_repair_changes_nothing(model, tok):
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.6])
-def test_fraction_rewrites_scanned_layers_and_chosen_rows(model, tok, fraction):
+def test_fraction_rewrites_scanned_layers_and_chosen_rows(model, tok, fraction, no_floor):
     stale, tool = conversation(model, tok)
     exact, tool_e = conversation(model, tok)
     part, tool_p = conversation(model, tok)
@@ -122,7 +131,7 @@ def test_fraction_rewrites_scanned_layers_and_chosen_rows(model, tok, fraction):
     assert err(part) < err(stale)
 
 
-def test_repair_picks_the_newest_rows_and_the_most_changed(model, tok):
+def test_repair_picks_the_newest_rows_and_the_most_changed(model, tok, no_floor):
     """Half the recomputed rows are the newest; the other half are the largest layer-1 deviations."""
     from kvcompact.agent.repair import RECENT_SHARE, _choose
 
@@ -142,6 +151,29 @@ def test_repair_picks_the_newest_rows_and_the_most_changed(model, tok):
     assert _choose(dev, 4).tolist() == [1, 3, 6, 7]  # newest 2 (6, 7), then the top 2 of the rest (1, 3)
     assert _choose(dev, 1).tolist() == [7]            # int(0.5 * 1) = 0 newest: the top deviation, row 7
     assert _choose(dev, 8).tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("floor, expect", [(1000, "all"), (24, "floor"), (1, "fraction")])
+def test_short_tails_are_recomputed_whole(model, tok, monkeypatch, floor, expect):
+    """k = max(ceil(f * tail), MIN_ROWS), at most the tail: a tail no longer than the floor is
+    recomputed whole (exact, no scan); above it the floor or the fraction decides."""
+    import kvcompact.agent.repair as repair
+
+    monkeypatch.setattr(repair, "MIN_ROWS", floor)
+    s, tool = conversation(model, tok)
+    exact, tool_e = conversation(model, tok)
+    start = tail_start(s, tool)
+    s.drop(tool, reposition=True, repair=0.1)
+    exact.drop(tool_e, reposition=True, recompute_tail=True)
+    tail = len(s.token_ids) - start
+    assert 24 < tail  # the floor of 24 is below this tail, so it is what picks k
+    r = s.last_repair
+    k = {"all": tail, "floor": 24, "fraction": math.ceil(0.1 * tail)}[expect]
+    assert (r.tail, r.recomputed) == (tail, k)
+    assert r.fed == (tail if expect == "all" else k + math.ceil(tail * SCAN_LAYERS / LAYERS))
+    if expect == "all":
+        for (ka, va), (kb, vb) in zip(kv(s.cache), kv(exact.cache)):
+            assert torch.allclose(ka, kb, atol=1e-5, rtol=0) and torch.allclose(va, vb, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])

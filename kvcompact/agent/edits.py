@@ -34,13 +34,14 @@ def recompute_from(session, row: int) -> int:
     return max(m, 0)
 
 
-def drop(session, msg_id: str, *, reposition: bool = False, recompute_tail: bool = False,
+def drop(session, msg_id: str, *, reposition: bool = True, recompute_tail: bool = False,
          repair: float | None = None) -> int:
     """Evict a message's tokens from the cache in place; returns how many were evicted.
 
-    ``reposition=False``: later tokens keep their positions (a gap remains; the logical length
-    is unchanged). ``reposition=True``: later keys are re-rotated by ``-span`` so positions close
-    the gap, and the logical length shrinks by the span. The message leaves ``messages``; later
+    ``reposition=True`` (the default): later keys are re-rotated by ``-span`` so positions close
+    the gap, and the logical length shrinks by the span. ``reposition=False``: later tokens keep
+    their positions (a gap remains; the logical length is unchanged) -- no re-rotation, but on
+    ``kvcompact eval``'s traces it answers worse than closing the gap (docs/eval.md). The message leaves ``messages``; later
     spans shift down. A pending (not yet fed) message is just removed.
 
     ``recompute_tail=True`` then re-feeds the tokens after the span, so their K/V no longer

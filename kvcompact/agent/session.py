@@ -30,11 +30,12 @@ State model
   layer and head. Text the template adds before the first message belongs to the first message;
   the generation prompt waiting for a reply belongs to no message until the reply is appended (it
   then starts the assistant message's span). Pending messages (added, not yet fed) have no span.
-* **Positions.** ``drop(reposition=False)`` leaves a gap: later tokens keep their RoPE positions and
-  the logical length (next position) is unchanged. ``drop(reposition=True)`` re-rotates later keys
-  so positions close the gap, and the logical length shrinks by the span length; the cache then
-  has the positions of a fresh prefill of the remaining text (keys equal up to the rotation's
-  rounding in layer 0). Tokens after an edited span keep K/V computed while the old text was
+* **Positions.** ``drop(reposition=True)`` (the default) re-rotates later keys so positions close
+  the gap, and the logical length shrinks by the span length; the cache then has the positions of
+  a fresh prefill of the remaining text (keys equal up to the rotation's rounding in layer 0).
+  ``drop(reposition=False)`` leaves a gap: later tokens keep their RoPE positions and the logical
+  length (next position) is unchanged; it skips the re-rotation, but ``kvcompact eval`` measures
+  it answering worse (docs/eval.md), so it is opt-in. Tokens after an edited span keep K/V computed while the old text was
   visible, unless ``recompute_tail=True`` re-feeds them (exact; docs/agent.md has the measurements)
   or ``repair=f`` recomputes the fraction ``f`` of them the edit changed most
   (:mod:`~kvcompact.agent.repair`).
@@ -567,7 +568,7 @@ class Session:
 
     # ------------------------------------------------------------------ edits (kvcompact.agent.edits)
 
-    def drop(self, msg_id: str, *, reposition: bool = False, recompute_tail: bool = False,
+    def drop(self, msg_id: str, *, reposition: bool = True, recompute_tail: bool = False,
              repair: float | None = None) -> int:
         """Evict a message's tokens from the cache in place; returns how many were evicted.
 

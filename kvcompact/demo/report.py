@@ -82,6 +82,9 @@ def print_summary(result, out=None, verbose: bool = False) -> None:
           f"{s['edits'].get('dropped', 0)} dropped", file=out)
     print(f"  tokens re-prefilled   {s['tokens_reprefilled']} (a message-level compactor without KV "
           f"editing would have re-prefilled {s['prefill_tokens_avoided']:,})", file=out)
+    if result.config.repair:
+        print(f"  tokens repaired       {s['tokens_repaired']:,} (bounded repair, repair={result.config.repair:g}: "
+              "the later tokens each edit changed most, recomputed in place)", file=out)
     print(f"  task accuracy         {_accuracy_line(result)}", file=out)
     if verbose:
         print_questions(result, out)

@@ -4,11 +4,18 @@ Both runs are :class:`kvcompact.agent.Session` objects fed the same observations
 (:mod:`kvcompact.demo.script`); only the cache and the context policy differ:
 
 * ``DynamicCache``: transformers' default cache; every observation stays whole.
-* ``kvcompact``: a ``KVCompactCache`` storing K/V in fp8 (e4m3, groups of 32), and
+* ``kvcompact``: a ``KVCompactCache`` storing K/V in int8 (one scale per head and token), and
   after every step the message-level plan of :func:`kvcompact.agent.compact_messages`
   (observation budget, recent messages kept whole, a token budget) is applied to
   the cache in place: truncated tool outputs through ``Session.replace``, dropped
-  ones through ``Session.drop``. Nothing is re-prefilled.
+  ones through ``Session.drop`` (closing the position gap), each followed by bounded repair
+  (``repair=0.1``: the 10% of the later tokens the edit changed most, at least 32, are recomputed
+  in place).
+  No message is re-prefilled.
+
+These settings are the eval's ``int8-repair-10`` configuration
+(:data:`kvcompact.eval.configs.DEMO_CONFIG`): ``kvcompact eval`` measures it against message
+compaction with a full re-prefill (docs/eval.md).
 
 Task accuracy
 -------------
@@ -37,15 +44,21 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvcompact.demo.script import QUESTIONS, SYSTEM_PROMPT, TASK, Question, build_steps
+from kvcompact.eval.configs import DEMO_CONFIG, get_configs
 from kvcompact.eval.scoring import score
+
+
+_EVAL = get_configs([DEMO_CONFIG])[0]  # one source for the demo's storage and edit settings
 
 
 @dataclass
 class DemoConfig:
     steps: int = 24
     max_new_tokens: int = 12
-    kv_dtype: str = "fp8_e4m3"
-    group_size: int = 32
+    kv_dtype: str = _EVAL.kv_dtype
+    group_size: int | None = _EVAL.group_size
+    reposition: bool = _EVAL.reposition  # Session.drop(reposition=...)
+    repair: float | None = _EVAL.repair  # Session.drop/replace(repair=...)
     observation_budget: int = 96     # tokens a tool output keeps once it is no longer recent
     keep_recent: int = 4             # messages kept whole at the end (2 steps)
     token_budget: int = 1500         # context tokens the kvcompact run may hold
@@ -94,6 +107,7 @@ class DemoResult:
     question_seconds: float = 0.0
     compact_seconds: float = 0.0
     tokens_reprefilled: int = 0
+    tokens_repaired: int = 0
     edits: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -107,6 +121,7 @@ class DemoResult:
             "final_context_dense": self.steps[-1].dense_context,
             "final_context_kvcompact": self.steps[-1].compact_context,
             "tokens_reprefilled": self.tokens_reprefilled,
+            "tokens_repaired": self.tokens_repaired,
             "prefill_tokens_avoided": sum(s.prefill_avoided for s in self.steps),
             "accuracy": self.accuracy(),
             "dense_seconds": round(self.dense_seconds, 2),
@@ -159,14 +174,15 @@ def compact_kv_bytes(cache) -> tuple[int, int]:
     return s.device_bytes + getattr(s, "workspace_bytes", 0), s.dense_bytes
 
 
-def apply_compaction(session, cfg: DemoConfig, tokenizer) -> tuple[int, int, int, int]:
+def apply_compaction(session, cfg: DemoConfig, tokenizer) -> tuple[int, int, int, int, int]:
     """Turn compact_messages' plan into in-place edits.
 
-    Returns ``(replaced, dropped, tokens avoided, tokens re-prefilled)``. ``tokens
-    avoided`` is what a message-level compactor without KV editing would re-prefill:
-    everything from the first edited message to the end of the context. ``tokens
-    re-prefilled`` is measured: tokens the edits fed to the model beyond the new
-    (truncated) texts themselves.
+    Returns ``(replaced, dropped, tokens avoided, tokens re-prefilled, tokens repaired)``.
+    ``tokens avoided`` is what a message-level compactor without KV editing would re-prefill:
+    everything from the first edited message to the end of the context. ``tokens repaired`` is
+    what bounded repair recomputed (``Session.last_repair.fed`` of each edit). ``tokens
+    re-prefilled`` is measured: tokens the edits fed to the model beyond the new (truncated)
+    texts themselves and the repair.
     """
     from kvcompact.agent import compact_messages
 
@@ -175,18 +191,22 @@ def apply_compaction(session, cfg: DemoConfig, tokenizer) -> tuple[int, int, int
         observation_budget=cfg.observation_budget, tokenizer=tokenizer,
     ).plan
     if not plan.truncated and not plan.dropped:
-        return 0, 0, 0, 0
+        return 0, 0, 0, 0, 0
     edited = [t.ref for t in plan.truncated] + [d.ref for d in plan.dropped]
     first_start = min(session.spans[ref][0] for ref in edited)
     avoided = len(session.token_ids) - first_start
-    fed_before, new_text_tokens = session.fed_tokens, 0
+    fed_before, new_text_tokens, repaired = session.fed_tokens, 0, 0
     for t in plan.truncated:
-        _, new_tokens = session.replace(t.ref, t.text)
+        session.last_repair = None
+        _, new_tokens = session.replace(t.ref, t.text, repair=cfg.repair)
         new_text_tokens += new_tokens
+        repaired += session.last_repair.fed if session.last_repair is not None else 0
     for d in plan.dropped:
-        session.drop(d.ref)
-    reprefilled = session.fed_tokens - fed_before - new_text_tokens
-    return len(plan.truncated), len(plan.dropped), max(avoided, 0), reprefilled
+        session.last_repair = None
+        session.drop(d.ref, reposition=cfg.reposition, repair=cfg.repair)
+        repaired += session.last_repair.fed if session.last_repair is not None else 0
+    reprefilled = session.fed_tokens - fed_before - new_text_tokens - repaired
+    return len(plan.truncated), len(plan.dropped), max(avoided, 0), reprefilled, repaired
 
 
 def ask_and_take_back(session, prompt: str, max_new_tokens: int) -> str:
@@ -262,8 +282,9 @@ def run_demo(model, tokenizer, cfg: DemoConfig, on_step=None, questions=QUESTION
             compact_answer = compact.generate(max_new_tokens=cfg.max_new_tokens, do_sample=False)
             # Everything fed beyond what the context grew by was fed twice (a re-prefill).
             result.tokens_reprefilled += (compact.fed_tokens - fed_before) - (len(compact.token_ids) - held_before)
-            r, d, avoided, reprefilled = apply_compaction(compact, cfg, tokenizer)
+            r, d, avoided, reprefilled, repaired = apply_compaction(compact, cfg, tokenizer)
             result.tokens_reprefilled += reprefilled
+            result.tokens_repaired += repaired
             replaced += r
             dropped += d
             t2 = time.perf_counter()

@@ -23,8 +23,10 @@ are subsets):
 ``structured``         Prevention instead of cure: a tool output the trace later truncates is
                        shaped when it arrives (``structure_output``: the event's ``fields`` /
                        ``grep``, the truncation's token budget, a fetch handle); drops in place.
-``fp8_e4m3``,          ``inplace-gap`` with 8-bit storage (the format's default group size), so the
-``fp8_e5m2``, ``int8`` difference to the ``inplace-gap`` row is the storage alone.
+``fp8_e4m3``,          ``inplace-reposition`` with 8-bit storage (the format's default group size;
+``fp8_e5m2``, ``int8`` ``fp8_e4m3-g16`` / ``-g64`` other group sizes), so the difference to the
+                       ``inplace-reposition`` row is the storage alone.
+``int8-repair-10``     The demo's configuration (:data:`DEMO_CONFIG`): ``int8`` with ``repair=0.1``.
 ``{policy}-{pct}``     Every message whole in a cache with a token budget of ``pct``% of the trace's
                        longest context, evicted by ``policy`` (streaming, snapkv, h2o, knorm, tova;
                        25, 50, 75): what eviction alone does, edits ignored.
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass
 
 from kvcompact.formats import FORMATS
 
-__all__ = ["EvalConfig", "ALL_CONFIGS", "DEFAULT_CONFIGS", "QUICK_CONFIGS", "BUDGET_POLICIES", "BUDGET_FRACTIONS", "get_configs",
+__all__ = ["EvalConfig", "ALL_CONFIGS", "DEFAULT_CONFIGS", "QUICK_CONFIGS", "DEMO_CONFIG", "BUDGET_POLICIES", "BUDGET_FRACTIONS", "get_configs",
            "MODES"]
 
 #: Modes the runner knows (each a replayer in kvcompact.eval.replay).
@@ -120,6 +122,9 @@ BUDGET_POLICIES = ("streaming", "snapkv", "h2o", "knorm", "tova")
 #: Token budgets, as fractions of each trace's longest context.
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
 
+#: The configuration ``kvcompact demo`` runs (its ``DemoConfig`` defaults are read from it).
+DEMO_CONFIG = "int8-repair-10"
+
 _CORE = (
     EvalConfig("dense", "dense", description="lossless cache, no edits (reference context)"),
     EvalConfig("reprefill", "reprefill", description="compacted messages, fresh prefill at each question"),
@@ -132,9 +137,18 @@ _CORE = (
                description="in-place edits, tail after each edit fed again (exact)"),
     EvalConfig("structured", "inplace", reposition=True, structured=True,
                description="tool outputs shaped to the asked fields at the truncation's budget, drops in place"),
-    EvalConfig("fp8_e4m3", "inplace", kv_dtype="fp8_e4m3", description="inplace-gap, fp8 e4m3 storage"),
-    EvalConfig("fp8_e5m2", "inplace", kv_dtype="fp8_e5m2", description="inplace-gap, fp8 e5m2 storage"),
-    EvalConfig("int8", "inplace", kv_dtype="int8", description="inplace-gap, int8 storage"),
+    EvalConfig("fp8_e4m3", "inplace", kv_dtype="fp8_e4m3", reposition=True,
+               description="inplace-reposition, fp8 e4m3 storage (groups of 32)"),
+    EvalConfig("fp8_e4m3-g16", "inplace", kv_dtype="fp8_e4m3", group_size=16, reposition=True,
+               description="inplace-reposition, fp8 e4m3 storage, groups of 16"),
+    EvalConfig("fp8_e4m3-g64", "inplace", kv_dtype="fp8_e4m3", group_size=64, reposition=True,
+               description="inplace-reposition, fp8 e4m3 storage, groups of 64"),
+    EvalConfig("fp8_e5m2", "inplace", kv_dtype="fp8_e5m2", reposition=True,
+               description="inplace-reposition, fp8 e5m2 storage"),
+    EvalConfig("int8", "inplace", kv_dtype="int8", reposition=True,
+               description="inplace-reposition, int8 storage (one scale per head and token)"),
+    EvalConfig(DEMO_CONFIG, "inplace", kv_dtype="int8", reposition=True, repair=0.1,
+               description="the demo's configuration: int8 storage, drops close the gap, repair=0.1 after each edit"),
 )
 
 _BUDGETS = tuple(
@@ -150,14 +164,15 @@ def _named(*names) -> tuple:
     return tuple(by_name[n] for n in names)
 
 
-#: What ``run_eval`` and ``kvcompact eval`` compare by default (about 13 minutes on a 2-core CPU
-#: for the shipped traces): the message-level choices, 8-bit storage, two policies at half the
-#: context. ``--configs all`` adds fp8_e5m2 and every policy at every budget.
-DEFAULT_CONFIGS = _named("dense", "reprefill", "inplace-gap", "inplace-reposition", "repair-10", "recompute-tail",
-                         "structured", "fp8_e4m3", "int8", "snapkv-50", "streaming-50")
+#: What ``run_eval`` and ``kvcompact eval`` compare by default (about 12 minutes on a 2-core CPU
+#: for the shipped traces, two worker processes): the message-level choices, 8-bit storage, the
+#: demo's configuration, one eviction policy at half the context. ``--configs all`` adds the
+#: position gap, fp8 group sizes, fp8_e5m2 and every policy at every budget.
+DEFAULT_CONFIGS = _named("dense", "reprefill", "inplace-reposition", "repair-10", "recompute-tail", "structured",
+                         "fp8_e4m3", "int8", DEMO_CONFIG, "snapkv-50")
 
 #: ``kvcompact eval --quick``: one configuration of each kind, for the quick traces.
-QUICK_CONFIGS = _named("dense", "reprefill", "inplace-reposition", "repair-10", "fp8_e4m3", "snapkv-50")
+QUICK_CONFIGS = _named("dense", "reprefill", "inplace-reposition", "repair-10", DEMO_CONFIG, "snapkv-50")
 
 
 def get_configs(names=None) -> list:
