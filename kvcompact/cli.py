@@ -422,11 +422,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace files, or folders whose *.json files are traces (default: the shipped set)")
     p.add_argument("--configs", nargs="+", metavar="NAME",
                    help="configurations to compare; 'all', 'default' and 'quick' name those sets (default: the "
-                        "default set; see --list-configs). The reference is added if missing and runs first")
+                        "default set; see --list-configs). The reference is added if missing; its row comes first")
     p.add_argument("--list-configs", action="store_true",
                    help="print every known configuration with its description and exit")
     p.add_argument("--reference", default="dense", metavar="NAME",
-                   help="configuration the KL is measured against, run first (default: dense; none: no KL)")
+                   help="configuration the KL is measured against, its row first (default: dense; none: no KL)")
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
                    help="greedy tokens per answer (default: run_eval's, 24)")
     p.add_argument("--model", metavar="PATH",

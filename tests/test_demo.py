@@ -178,15 +178,39 @@ def test_the_demo_questions_are_answerable_from_what_the_script_feeds():
             assert f"obs{q.source_step}" not in cut, q.prompt
 
 
-def test_the_demo_runs_the_eval_configuration_it_cites():
-    """The demo's storage and edit settings are the eval's DEMO_CONFIG row (docs/eval.md measures it)."""
-    from kvcompact.demo.runner import DemoConfig
-    from kvcompact.eval.configs import DEMO_CONFIG, get_configs
+def test_the_eval_measures_what_the_demo_runs(tiny):
+    """Every eval run (default and quick) has the demo's configuration, and the demo's session really
+    is built with it: its cache's storage and the edit options it passes."""
+    from kvcompact.agent import Session
+    from kvcompact.demo import runner
+    from kvcompact.eval.configs import DEFAULT_CONFIGS, DEMO_CONFIG, QUICK_CONFIGS, get_configs
 
-    row, cfg = get_configs([DEMO_CONFIG])[0], DemoConfig()
-    assert (cfg.kv_dtype, cfg.group_size, cfg.reposition, cfg.repair) == (row.kv_dtype, row.group_size,
-                                                                          row.reposition, row.repair)
+    assert DEMO_CONFIG in [c.name for c in DEFAULT_CONFIGS] and DEMO_CONFIG in [c.name for c in QUICK_CONFIGS]
+    row = get_configs([DEMO_CONFIG])[0]
     assert row.kv_dtype is not None and row.repair and not row.recompute_tail
+    seen = {"drop": [], "replace": [], "kv_dtype": set()}
+    real_drop, real_replace = Session.drop, Session.replace
+
+    def drop(self, msg_id, **kw):
+        seen["drop"].append(kw)
+        seen["kv_dtype"].add(self.cache.kv_dtype)
+        return real_drop(self, msg_id, **kw)
+
+    def replace(self, msg_id, text, **kw):
+        seen["replace"].append(kw)
+        return real_replace(self, msg_id, text, **kw)
+
+    model, tok = tiny
+    try:
+        Session.drop, Session.replace = drop, replace
+        runner.run_demo(model, tok, runner.DemoConfig(**{k: v for k, v in TINY.items() if k != "group_size"}),
+                        questions=())
+    finally:
+        Session.drop, Session.replace = real_drop, real_replace
+    compaction_drops = [kw for kw in seen["drop"] if "repair" in kw]
+    assert compaction_drops and seen["replace"] and seen["kv_dtype"] == {row.kv_dtype}
+    assert all(kw == {"reposition": row.reposition, "repair": row.repair} for kw in compaction_drops)
+    assert all(kw == {"repair": row.repair} for kw in seen["replace"])
 
 
 def test_edits_are_repaired_not_reprefilled(tiny):

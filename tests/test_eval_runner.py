@@ -141,7 +141,7 @@ def test_asking_takes_the_question_back(model, tok, kv_dtype):
     tool = s.add("tool", "x " * 200)
     s.add("user", "hello there")
     s.prefill()
-    s.drop(tool)  # a gap before the question, as inplace-gap leaves
+    s.drop(tool, reposition=False)  # a gap before the question, as inplace-gap leaves
     ids, positions, logical = s.token_ids, s.positions(), s.cache.get_seq_length()
 
     class _R:  # the counters _ask_live updates
@@ -159,7 +159,7 @@ def test_asking_takes_the_question_back(model, tok, kv_dtype):
     t2 = fresh.add("tool", "x " * 200)
     fresh.add("user", "hello there")
     fresh.prefill()
-    fresh.drop(t2)
+    fresh.drop(t2, reposition=False)
     fresh.add("user", "next")
     torch.testing.assert_close(after, fresh.next_token_logits(), rtol=1e-5, atol=1e-5)
 
@@ -297,3 +297,55 @@ def test_kl_exact_is_zero_for_the_exact_context(quick_report):
     assert all(q.kl_exact == 0.0 for q in quick_report["reprefill"].questions)
     assert all(q.kl_exact < 1e-3 for q in quick_report["recompute-tail"].questions)
     assert quick_report["inplace-gap"].mean_kl_exact > 0
+
+
+# ---------------------------------------------------------------------- worker processes (jobs > 1)
+
+
+def _tiny_model_and_tokenizer():
+    """load_model for spawned workers (module-level, so it pickles by reference)."""
+    tok = smollm2_tokenizer()
+    return tiny_llama(len(tok)), tok
+
+
+def _raising_loader():
+    raise OSError("no model here")
+
+
+def test_jobs_give_the_same_report(model, tok):
+    """Two worker processes play the pairs in another order; the report is the same (KL included)."""
+    configs, traces = ["dense", "reprefill", "inplace-reposition", "int8"], [_small_trace()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers (threads=1): float sums then run in the same order
+    try:
+        one = run_eval(model, tok, configs, traces, max_new_tokens=2)
+    finally:
+        torch.set_num_threads(threads)
+    two = run_eval(None, None, configs, traces, max_new_tokens=2, jobs=2, threads=1,
+                   load_model=_tiny_model_and_tokenizer)
+    assert one.model == two.model and [c.name for c in one.configs] == [c.name for c in two.configs]
+    for a, b in zip(one.configs, two.configs):
+        assert (a.tokens_prefilled, a.tokens_fed, a.peak_kv_bytes) == (b.tokens_prefilled, b.tokens_fed, b.peak_kv_bytes)
+        assert [(q.reply, q.correct) for q in a.questions] == [(q.reply, q.correct) for q in b.questions]
+        # the same first-token distributions: the KL agrees up to the summation order of the KL itself
+        for qa, qb in zip(a.questions, b.questions, strict=True):
+            assert qa.kl == pytest.approx(qb.kl, rel=1e-6, abs=1e-12)
+            assert qa.kl_exact == pytest.approx(qb.kl_exact, rel=1e-6, abs=1e-12)
+    assert two.settings["jobs"] == 2 and max(q.kl for q in two["int8"].questions) > 0
+
+
+def test_a_failing_play_stops_the_workers(tok):
+    """A play that raises in a worker ends the run with its exception, without waiting for the rest."""
+    import time
+
+    bad = EvalConfig("bad-policy", "budget", policy="no-such-policy", budget_fraction=0.5)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="no-such-policy"):
+        run_eval(None, None, ["dense", bad], load_traces(quick=True), max_new_tokens=2,
+                 jobs=2, load_model=_tiny_model_and_tokenizer)
+    assert time.perf_counter() - t0 < 120
+
+
+def test_a_worker_that_cannot_load_the_model_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="failed to start or died: load_model raised"):
+        run_eval(None, None, ["dense"], [_small_trace()], jobs=2, load_model=_raising_loader)

@@ -342,7 +342,7 @@ def test_tail_across_a_gap_drop_recomputes_from_the_start(tiny):
     msgs = _tiny_msgs()
     s = Session(model, tok)
     s.sync(msgs)
-    s.drop(s.messages[2].id)  # a gap: later tokens keep their positions
+    s.drop(s.messages[2].id, reposition=False)  # a gap: later tokens keep their positions
     kept = msgs[:2] + msgs[3:]
     new = kept[:1] + [{"role": "user", "content": "Inserted."}] + kept[1:]
     r = s.sync(new)

@@ -39,7 +39,9 @@ def drop(session, msg_id: str, *, reposition: bool = True, recompute_tail: bool 
     """Evict a message's tokens from the cache in place; returns how many were evicted.
 
     ``reposition=True`` (the default): later keys are re-rotated by ``-span`` so positions close
-    the gap, and the logical length shrinks by the span. ``reposition=False``: later tokens keep
+    the gap, and the logical length shrinks by the span; a model whose RoPE cannot be re-rotated
+    (dynamic / long / multimodal RoPE, local and global rotary embeddings) gets a ``ValueError``
+    that says to pass ``reposition=False``. ``reposition=False``: later tokens keep
     their positions (a gap remains; the logical length is unchanged) -- no re-rotation, but on
     ``kvcompact eval``'s traces it answers worse than closing the gap (docs/eval.md). The message leaves ``messages``; later
     spans shift down. A pending (not yet fed) message is just removed.
@@ -58,7 +60,13 @@ def drop(session, msg_id: str, *, reposition: bool = True, recompute_tail: bool 
             return 0
     k = session._find(msg_id)
     start, end = session.spans[msg_id]
-    rope = session._rope_params() if reposition and end > start else None
+    rope = None
+    if reposition and end > start:
+        try:
+            rope = session._rope_params()
+        except ValueError as err:  # nothing is edited yet
+            raise ValueError(f"drop: cannot re-rotate the keys after the dropped message ({err}); pass "
+                             "reposition=False to leave a position gap instead") from err
     length = session.cache.drop_span(start, end, reposition=reposition, rope=rope)
     del session._cache_ids[start:end]
     session._entries[k].state = CLOSED if reposition else GAP

@@ -24,9 +24,11 @@ Example (needs a model, so not a doctest)::
     report = run_eval(model, tok, get_configs(["dense", "reprefill", "inplace-gap"]), load_traces(quick=True))
     print(report.table()); open("eval.json", "w").write(report.to_json())
 
-    # the same on two worker processes (each loads the model itself)
-    report = run_eval(None, None, get_configs(["dense", "reprefill", "inplace-gap"]), load_traces(quick=True),
-                      jobs=2, load_model=load_default)
+    # the same on two worker processes (each loads the model itself; spawned workers import the
+    # main module, so a script needs the __main__ guard)
+    if __name__ == "__main__":
+        report = run_eval(None, None, get_configs(["dense", "reprefill", "inplace-gap"]), load_traces(quick=True),
+                          jobs=2, load_model=load_default)
 """
 
 from __future__ import annotations
@@ -135,7 +137,11 @@ def _worker_init(load_model, threads: int) -> None:
 
 def _worker_play(config: EvalConfig, trace: Trace, max_new_tokens: int) -> Play:
     with torch.no_grad():
-        return play(_worker["model"], _worker["tokenizer"], config, trace, max_new_tokens=max_new_tokens)
+        p = play(_worker["model"], _worker["tokenizer"], config, trace, max_new_tokens=max_new_tokens)
+    # numpy arrays pickle by value; a torch tensor would travel through a shared-memory file in
+    # /dev/shm, which a container may keep small (the default set's log-probabilities are ~80 MB).
+    p.logprobs = {k: v.numpy() for k, v in p.logprobs.items()}
+    return p
 
 
 def _cost(trace: Trace, config: EvalConfig) -> float:
@@ -158,22 +164,37 @@ def _play_all(tasks: list, model, tokenizer, max_new_tokens: int, jobs: int, loa
     order = sorted(tasks, key=lambda t: -_cost(t[1], t[0]))
     # spawn, not fork: a forked child of a process that has run torch's thread pools can deadlock.
     context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
-                                     initializer=_worker_init, initargs=(load_model, threads)) as pool:
+    pool = futures.ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
+                                       initializer=_worker_init, initargs=(load_model, threads))
+    try:
         pending = [pool.submit(_worker_play, config, trace, max_new_tokens) for config, trace in order]
-        try:
-            for fut in futures.as_completed(pending):
-                p = fut.result()
-                plays[p.trace, p.config] = p
-                on_done(p)
-        except futures.process.BrokenProcessPool as err:
-            raise RuntimeError("run_eval: a worker process died (out of memory? try fewer jobs=); "
-                               f"{len(plays)} of {len(tasks)} plays had finished") from err
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+        for fut in futures.as_completed(pending):
+            p = fut.result()
+            p.logprobs = {k: torch.from_numpy(v) for k, v in p.logprobs.items()}
+            plays[p.trace, p.config] = p
+            on_done(p)
+    except futures.process.BrokenProcessPool as err:
+        _stop(pool)
+        raise RuntimeError("run_eval: a worker process failed to start or died: load_model raised in it (its "
+                           "traceback is above), or it ran out of memory (try fewer jobs=); "
+                           f"{len(plays)} of {len(tasks)} plays had finished") from err
+    except BaseException:
+        # A play that raised, or Ctrl-C: stop now. Plays already handed to a worker cannot be
+        # cancelled, and shutdown(wait=True) would wait for them, so the workers are terminated.
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
     return plays
+
+
+def _stop(pool: futures.ProcessPoolExecutor) -> None:
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(timeout=10)
 
 
 def run_eval(model, tokenizer, configs: Sequence = None, traces: Sequence[Trace] | None = None, *,
@@ -262,7 +283,7 @@ def run_eval(model, tokenizer, configs: Sequence = None, traces: Sequence[Trace]
             r.tokens_prefilled += p.tokens_prefilled
             r.tokens_fed += p.tokens_fed
             r.seconds += p.seconds
-    name = _model_name(model) if model is not None else next(iter(plays.values())).model
+    name = next(iter(plays.values())).model  # the model the plays ran on (the workers' own when jobs > 1)
     return EvalReport(model=name, traces=[t.id for t in traces], configs=[results[c.name] for c in configs],
                       reference=reference,
                       settings={"max_new_tokens": max_new_tokens, "jobs": jobs,
