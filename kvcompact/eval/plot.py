@@ -83,10 +83,13 @@ def plot_report(report, path) -> Path:
         if not math.isnan(y):
             points.setdefault((round(x, 3), round(y, 3)), []).append(c.name)
 
-    # Alternate label offsets so neighbours at similar memory do not print over each other.
-    for i, ((x, y), names) in enumerate(sorted(points.items())):
-        dy = (8, -14)[i % 2]
-        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(7, dy), fontsize=8)
+    # A label goes above its point, or below it when a neighbour at about the same memory sits just
+    # above (the two labels would otherwise print over each other between the points).
+    span = max((x for x, _ in points), default=0.0) or 1.0
+    for (x, y), names in sorted(points.items()):
+        crowded = any(abs(x2 - x) < 0.05 * span and 0 < y2 - y < 15 for x2, y2 in points)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(7, -14 if crowded else 8),
+                    fontsize=8)
 
     xs = [c.peak_kv_bytes / 2**20 for c in report.configs]
     ax.set_xlim(0, max(max(xs) * 1.25, 1e-3))
