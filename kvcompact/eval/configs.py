@@ -172,7 +172,7 @@ DEFAULT_CONFIGS = _named("dense", "reprefill", "inplace-reposition", "repair-10"
                          "fp8_e4m3", "int8", DEMO_CONFIG, "snapkv-50")
 
 #: ``kvcompact eval --quick``: one configuration of each kind, for the quick traces.
-QUICK_CONFIGS = _named("dense", "reprefill", "inplace-reposition", "repair-10", DEMO_CONFIG, "snapkv-50")
+QUICK_CONFIGS = _named("dense", "reprefill", "inplace-reposition", DEMO_CONFIG, "snapkv-50")
 
 
 def get_configs(names=None) -> list:
