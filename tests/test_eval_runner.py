@@ -334,6 +334,18 @@ def test_jobs_give_the_same_report(model, tok):
     assert two.settings["jobs"] == 2 and max(q.kl for q in two["int8"].questions) > 0
 
 
+def test_workers_import_the_kvcompact_this_process_runs(tmp_path, monkeypatch):
+    """A folder first on sys.path with another ``kvcompact`` (an uncompiled source checkout, say) must
+    not be what the spawned workers import: they get this process's sys.path."""
+    shadow = tmp_path / "kvcompact"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the shadowing kvcompact was imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = run_eval(None, None, ["dense"], [_small_trace()], max_new_tokens=1, jobs=2,
+                      load_model=_tiny_model_and_tokenizer)
+    assert report["dense"].total == len(_small_trace().questions)
+
+
 def test_a_failing_play_stops_the_workers(tok):
     """A play that raises in a worker ends the run with its exception, without waiting for the rest."""
     import time

@@ -34,8 +34,11 @@ Example (needs a model, so not a doctest)::
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import multiprocessing
+import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -167,7 +170,8 @@ def _play_all(tasks: list, model, tokenizer, max_new_tokens: int, jobs: int, loa
     pool = futures.ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
                                        initializer=_worker_init, initargs=(load_model, threads))
     try:
-        pending = [pool.submit(_worker_play, config, trace, max_new_tokens) for config, trace in order]
+        with _this_kvcompact_first():  # the workers start during these submits
+            pending = [pool.submit(_worker_play, config, trace, max_new_tokens) for config, trace in order]
         for fut in futures.as_completed(pending):
             p = fut.result()
             p.logprobs = {k: torch.from_numpy(v) for k, v in p.logprobs.items()}
@@ -185,6 +189,26 @@ def _play_all(tasks: list, model, tokenizer, max_new_tokens: int, jobs: int, loa
         raise
     pool.shutdown(wait=True)
     return plays
+
+
+@contextlib.contextmanager
+def _this_kvcompact_first():
+    """Put the folder holding the kvcompact this process runs first on ``sys.path`` while workers start.
+
+    A spawned worker gets this process's ``sys.path`` and imports kvcompact afresh from it. When a
+    source checkout sits on that path ahead of the installed package (a script that inserted its
+    repository folder, the repository root as working directory), the worker would import the
+    uncompiled source tree while this process runs the installed, compiled one.
+    """
+    import kvcompact
+
+    home = str(Path(kvcompact.__file__).resolve().parent.parent)
+    saved = list(sys.path)
+    sys.path.insert(0, home)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
 
 
 def _stop(pool: futures.ProcessPoolExecutor) -> None:
