@@ -37,11 +37,13 @@ TORCH_LIBRARY(kvcompact, m) {
   // --- attention over cache storage (decode steps and short chunks); semantics in
   // csrc/include/kvcompact/attention_args.h. query [B, Hq, Q, D]; key/value [B, Hkv, T, D]
   // in a float dtype, or 8-bit codes with key_scales/value_scales [B, Hkv, T, D // G] fp32.
+  // tail_key/tail_value [B, Hkv, T_tail, D] (a float dtype): rows [T, T + T_tail), the exact
+  // newest rows of an 8-bit cache, attended in the same call.
   // -> out [B, Hq, Q, D] fp32, lse [B, Hq, Q] fp32 (segments merge by log-sum-exp).
   m.def(
       "decode_attention(Tensor query, Tensor key, Tensor value, Tensor? key_scales, "
       "Tensor? value_scales, float scale, float softcap=0., int window=0, "
-      "int? query_start=None) -> (Tensor out, Tensor lse)");
+      "int? query_start=None, Tensor? tail_key=None, Tensor? tail_value=None) -> (Tensor out, Tensor lse)");
 
   // --- offload: block copies between device and (pinned) host buffers on the
   // current stream. block_mapping is int64 [N, 2] on the CPU.

@@ -192,6 +192,8 @@ def decode_attention(
     softcap: Optional[float] = None,
     window: Optional[int] = None,
     query_start: Optional[int] = None,
+    tail_key: Optional[torch.Tensor] = None,
+    tail_value: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few queries over cache storage, reading 8-bit codes directly.
 
@@ -209,8 +211,13 @@ def decode_attention(
     window : sliding window (a query sees rows less than ``window`` positions back); None or 0:
         none.
     query_start : row position of query 0; query ``i`` sees rows ``j <= query_start + i``.
-        Default ``T - Q``: the queries are the last ``Q`` rows (a decode step whose own keys were
-        appended). A segment that lies wholly before the queries takes ``query_start >= T - 1``.
+        Default ``T + T_tail - Q``: the queries are the last ``Q`` rows (a decode step whose own
+        keys were appended). A segment that lies wholly before the queries takes
+        ``query_start >= T + T_tail - 1``.
+    tail_key, tail_value : Tensors ``[B, Hkv, T_tail, D]`` in a float dtype, or None: rows
+        ``[T, T + T_tail)`` of the same sequence, attended in the same pass -- the newest rows of
+        an 8-bit cache kept exact (the chunk a decode step just appended), without a second call
+        and a :func:`merge_attention`. Row positions count over all ``T + T_tail`` rows.
 
     Returns
     -------
@@ -233,7 +240,7 @@ def decode_attention(
     """
     return _ops.decode_attention(
         query, key, value, key_scales, value_scales, float(scale), float(softcap or 0.0),
-        int(window or 0), query_start,
+        int(window or 0), query_start, tail_key, tail_value,
     )
 
 
@@ -315,11 +322,15 @@ for _name in (
 
 @torch.library.register_fake("kvcompact::decode_attention")
 def _decode_attention_fake(query, key, value, key_scales, value_scales, scale, softcap=0.0, window=0,
-                           query_start=None):
+                           query_start=None, tail_key=None, tail_value=None):
     torch._check(query.dim() == 4 and key.dim() == 4, lambda: "decode_attention: query and key must be 4-D")
     torch._check(query.shape[1] % key.shape[1] == 0,
                  lambda: "decode_attention: query heads must be a multiple of key heads")
     _check_fake_devices("decode_attention", query=query, key=key, value=value)
+    torch._check((tail_key is None) == (tail_value is None),
+                 lambda: "decode_attention: pass both tail_key and tail_value or neither")
+    if tail_key is not None:
+        _check_fake_devices("decode_attention", query=query, tail_key=tail_key, tail_value=tail_value)
     out = query.new_empty(query.shape, dtype=torch.float32)
     lse = query.new_empty(query.shape[:3], dtype=torch.float32)
     return out, lse

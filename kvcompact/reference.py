@@ -163,6 +163,8 @@ def decode_attention(
     softcap: float = 0.0,
     window: int = 0,
     query_start: int | None = None,
+    tail_key: torch.Tensor | None = None,
+    tail_value: torch.Tensor | None = None,
 ):
     """Attention of ``query [B, Hq, Q, D]`` over ``key``/``value`` ``[B, Hkv, T, D]``, in fp32.
 
@@ -171,16 +173,21 @@ def decode_attention(
     ``h // (Hq // Hkv)``. Scores ``q . k * scale``, then ``softcap * tanh(s / softcap)`` when
     ``softcap > 0``; the mask is :func:`attention_mask`. Returns ``out [B, Hq, Q, D]`` and
     ``lse [B, Hq, Q]`` (float32); a query that sees no row gets ``out = 0``, ``lse = -inf``.
+    ``tail_key``/``tail_value`` ``[B, Hkv, T_tail, D]`` (a float dtype) are rows
+    ``[T, T + T_tail)``, appended after the stored ones.
     """
     k = key.float() if key_scales is None else dequantize(key, key_scales, torch.float32)
     v = value.float() if value_scales is None else dequantize(value, value_scales, torch.float32)
+    if tail_key is not None:
+        k = torch.cat([k, tail_key.float()], dim=2)
+        v = torch.cat([v, tail_value.float()], dim=2)
     rep = query.shape[1] // key.shape[1]
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    visible = attention_mask(query.shape[2], key.shape[2], window, query_start)
+    visible = attention_mask(query.shape[2], k.shape[2], window, query_start)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows seeing nothing: 0

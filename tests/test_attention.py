@@ -186,6 +186,68 @@ def test_mixed_segments_lossless_and_codes():
     torch.testing.assert_close(merged[1], ref[1], atol=ATOL, rtol=RTOL)
 
 
+# -- tail: the exact newest rows attended in the same call -------------------------------------------
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tail_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "stored,tail,q_len,window",
+    [
+        (45, 1, 1, 0),  # a decode step: the last stored block is partial, the tail one row
+        (600, 1, 1, 0),  # several KV splits
+        (732, 300, 2, 0),  # a tail that crosses a split boundary
+        (700, 5, 3, 64),  # a sliding window that starts in the stored rows
+        (0, 3, 1, 0),  # nothing stored yet
+        (64, 0, 1, 0),  # an empty tail
+    ],
+)
+def test_tail_matches_reference(isa, fmt, tail_dtype, stored, tail, q_len, window, monkeypatch):
+    monkeypatch.setenv("KVCOMPACT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(stored + tail)
+    key, value, ks, vs = make_kv((2, 2, stored, 64), fmt, 32, gen=gen)
+    tail_key = torch.randn(2, 2, tail, 64, generator=gen).to(tail_dtype)
+    tail_value = torch.randn(2, 2, tail, 64, generator=gen).to(tail_dtype)
+    query = torch.randn(2, 6, q_len, 64, generator=gen)
+    assert_matches_reference(query, key, value, ks, vs, scale=0.125, softcap=20.0, window=window,
+                             tail_key=tail_key, tail_value=tail_value)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tail_equals_two_merged_segments(fmt):
+    # What the cache did before the tail existed: the stored rows and the exact rows as two calls,
+    # merged by log-sum-exp. One call must give the same attention.
+    gen = torch.Generator().manual_seed(5)
+    key, value, ks, vs = make_kv((1, 3, 517, 64), fmt, 32, gen=gen)
+    tail_key, tail_value = torch.randn(1, 3, 2, 64, generator=gen), torch.randn(1, 3, 2, 64, generator=gen)
+    query = torch.randn(1, 9, 2, 64, generator=gen)
+    fused = ops.decode_attention(query, key, value, ks, vs, scale=0.125, tail_key=tail_key, tail_value=tail_value)
+    merged = ops.merge_attention([
+        ops.decode_attention(query, key, value, ks, vs, scale=0.125, query_start=517),
+        ops.decode_attention(query, tail_key, tail_value, scale=0.125),
+    ])
+    torch.testing.assert_close(fused[0], merged[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(fused[1], merged[1], atol=ATOL, rtol=RTOL)
+
+
+def test_tail_rows_are_positions_after_the_stored_ones():
+    # query_start counts over stored + tail rows: a query at row 10 of 8 stored + 4 tail rows sees
+    # the tail's first 3 rows only, whatever the tail holds after them.
+    gen = torch.Generator().manual_seed(9)
+    key, value, ks, vs = make_kv((1, 1, 8, 32), "int8", 16, gen=gen)
+    tail_key, tail_value = torch.randn(1, 1, 4, 32, generator=gen), torch.randn(1, 1, 4, 32, generator=gen)
+    query = torch.randn(1, 2, 1, 32, generator=gen)
+    poisoned_k, poisoned_v = tail_key.clone(), tail_value.clone()
+    poisoned_k[:, :, 3], poisoned_v[:, :, 3] = float("nan"), float("inf")
+    clean = ops.decode_attention(query, key, value, ks, vs, scale=0.2, query_start=10, tail_key=tail_key,
+                                 tail_value=tail_value)
+    masked = ops.decode_attention(query, key, value, ks, vs, scale=0.2, query_start=10, tail_key=poisoned_k,
+                                  tail_value=poisoned_v)
+    assert torch.isfinite(masked[0]).all()
+    torch.testing.assert_close(masked[0], clean[0], atol=0, rtol=0)
+
+
 @settings(max_examples=FUZZ_EXAMPLES or 60, deadline=None)
 @given(
     rep=st.sampled_from([1, 2, 3, 4, 8]),
@@ -198,15 +260,21 @@ def test_mixed_segments_lossless_and_codes():
     window=st.sampled_from([0, 1, 7, 128]),
     softcap=st.sampled_from([0.0, 20.0]),
     start_shift=st.integers(-3, 3),
+    tail_len=st.sampled_from([None, 0, 1, 2, 5, 40]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_fuzz(rep, kv_heads, head_dim, q_len, kv_len, fmt, group_div, window, softcap, start_shift, seed):
+def test_fuzz(rep, kv_heads, head_dim, q_len, kv_len, fmt, group_div, window, softcap, start_shift, tail_len, seed):
     gen = torch.Generator().manual_seed(seed)
     group = head_dim // group_div
     key, value, ks, vs = make_kv((1, kv_heads, kv_len, head_dim), fmt, group, gen=gen)
     query = torch.randn(1, kv_heads * rep, q_len, head_dim, generator=gen)
+    tail = {}
+    if tail_len is not None:
+        tail = dict(tail_key=torch.randn(1, kv_heads, tail_len, head_dim, generator=gen),
+                    tail_value=torch.randn(1, kv_heads, tail_len, head_dim, generator=gen))
+    total = kv_len + (tail_len or 0)
     assert_matches_reference(query, key, value, ks, vs, scale=1 / math.sqrt(head_dim), softcap=softcap,
-                             window=window, query_start=kv_len - q_len + start_shift)
+                             window=window, query_start=total - q_len + start_shift, **tail)
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -253,6 +321,25 @@ def test_bad_scalars(kw, match):
         ops.decode_attention(query, key, value, ks, vs, **kw)
 
 
+@pytest.mark.parametrize(
+    "tail,exc,match",
+    [
+        (dict(tail_key=torch.randn(1, 2, 1, 32)), ValueError, "both `tail_key` and `tail_value`"),
+        (dict(tail_value=torch.randn(1, 2, 1, 32)), ValueError, "both `tail_key` and `tail_value`"),
+        (dict(tail_key=torch.randn(1, 2, 1, 32), tail_value=torch.randn(1, 2, 2, 32)), ValueError, "same shape"),
+        (dict(tail_key=torch.randn(1, 1, 1, 32), tail_value=torch.randn(1, 1, 1, 32)), ValueError, "B, Hkv, T_tail, D"),
+        (dict(tail_key=torch.randn(1, 2, 1, 16), tail_value=torch.randn(1, 2, 1, 16)), ValueError, "B, Hkv, T_tail, D"),
+        (dict(tail_key=torch.randn(2, 1, 32), tail_value=torch.randn(2, 1, 32)), ValueError, "`tail_key` must be 4-D"),
+        (dict(tail_key=torch.ones(1, 2, 1, 32, dtype=torch.int8), tail_value=torch.ones(1, 2, 1, 32, dtype=torch.int8)),
+         TypeError, "float dtype"),
+        (dict(tail_key=torch.randn(1, 2, 1, 32), tail_value=torch.randn(1, 2, 1, 32).half()), TypeError, "float dtype"),
+    ],
+)
+def test_bad_tail(tail, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.decode_attention(*_args(), scale=1.0, **tail)
+
+
 def test_bad_isa_name(monkeypatch):
     monkeypatch.setenv("KVCOMPACT_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="KVCOMPACT_CPU_ISA"):
@@ -272,6 +359,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.kvcompact.decode_attention, (query, key, value, ks, vs, 0.2, 0.0, 0, None))
     torch.library.opcheck(torch.ops.kvcompact.decode_attention,
                           (query, key.float(), value.float(), None, None, 0.2, 10.0, 3, 5))
+    tail = torch.randn(1, 2, 2, 32)
+    torch.library.opcheck(torch.ops.kvcompact.decode_attention,
+                          (query, key, value, ks, vs, 0.2, 0.0, 0, None, tail, tail.clone()))
 
 
 def test_compile_fullgraph():
@@ -287,5 +377,13 @@ def test_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     got = compiled(query, key, value, ks, vs, exact_k, exact_v)
     want = step(query, key, value, ks, vs, exact_k, exact_v)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+    def fused_step(query, key, value, ks, vs, exact_k, exact_v):  # the cache's decode step: one call
+        out, lse = ops.decode_attention(query, key, value, ks, vs, scale=0.2, tail_key=exact_k, tail_value=exact_v)
+        return out.to(query.dtype), lse
+
+    got = torch.compile(fused_step, fullgraph=True, backend="eager")(query, key, value, ks, vs, exact_k, exact_v)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])

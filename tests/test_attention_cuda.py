@@ -298,6 +298,27 @@ def test_segments_merge_to_the_whole():
     torch.testing.assert_close(merged[1], whole[1], atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("fmt", [None, *FORMATS])
+@pytest.mark.parametrize("stored,tail,q_len,window", [(45, 1, 1, 0), (4097, 1, 1, 0), (300, 40, 3, 64), (0, 3, 1, 0)])
+def test_tail_matches_cpu_and_reference(fmt, stored, tail, q_len, window):
+    # The exact newest rows in the same call (the cache's decode step): CUDA attends them as a
+    # second segment and merges; the result equals the CPU op's one pass and the reference.
+    gen = torch.Generator().manual_seed(stored + tail)
+    key, value, ks, vs = make_kv((1, 2, stored, 128), fmt, torch.bfloat16, 32, gen)
+    tail_key = torch.randn(1, 2, tail, 128, generator=gen).to(torch.bfloat16)
+    tail_value = torch.randn(1, 2, tail, 128, generator=gen).to(torch.bfloat16)
+    query = torch.randn(1, 8, q_len, 128, generator=gen)
+    kw = dict(scale=128**-0.5, softcap=30.0, window=window)
+    cpu_args = (query, key, value, ks, vs)
+    out, lse = ops.decode_attention(*[_cuda(t) for t in cpu_args], tail_key=_cuda(tail_key),
+                                    tail_value=_cuda(tail_value), **kw)
+    want = ops.decode_attention(*cpu_args, tail_key=tail_key, tail_value=tail_value, **kw)
+    ref = reference.decode_attention(*cpu_args, tail_key=tail_key, tail_value=tail_value, **kw)
+    for got, w, r in zip((out.cpu(), lse.cpu()), want, ref):
+        torch.testing.assert_close(got, w, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(got, r, atol=ATOL, rtol=RTOL)
+
+
 # ---------------------------------------------------------------------------
 # devices, streams, dispatcher
 

@@ -4,13 +4,19 @@
 // the n_rep * Q query rows that read one KV head (GQA), so each key and value
 // row is decoded from storage once and used by all of them. A task walks its
 // split in blocks of kBlock rows: decode the block's key rows to fp32 (scale
-// folded in; an L1-sized scratch), dot them with every query row (held in
-// registers for head dims 64 and 128), softcap and mask the scores, update each
-// row's running max and sum (online softmax), then decode the block's value rows
-// and add them, weighted, to each row's fp32 accumulator (also held in registers
-// across the block). Splits give both cores work when B * Hkv
-// is small (one decode step of one sequence) and are merged at the end by
-// log-sum-exp, the same rule that merges separately attended segments.
+// folded in; an L1-sized, 64-byte-aligned scratch), dot them with every query
+// row 16 keys at a time (the query row held in registers for head dims 64 and
+// 128; the 16 sums reduced together, not one by one), softcap and mask the
+// scores, update each row's running max and sum (online softmax, exp on 16
+// lanes), then decode the block's value rows and add them, weighted, to each
+// row's fp32 accumulator (also held in registers across the block). Splits
+// give both cores work when B * Hkv is small (one decode step of one sequence)
+// and are merged at the end by log-sum-exp, the same rule that merges
+// separately attended segments.
+//
+// Rows come from two sources: the stored rows (codes or model dtype), then an
+// optional tail of exact newest rows (fp32), read by the same online softmax,
+// so a decode step of an 8-bit cache is one call with no merge.
 //
 // Nothing proportional to T is allocated: per task a few rows of scratch, and
 // per call the [B, Hkv, splits, rows, D] partial sums.
@@ -39,10 +45,14 @@
 #include "kvcompact/cpu/lanes.h"
 #include "kvcompact/quant_math.h"
 
+// The build passes -ffp-contract=off so that quantize/dequantize match reference.py bit for bit.
+// Attention is specified to float32 rounding, not bits: let a * b + c become one FMA here (one
+// rounding instead of two, and half the instructions in the dot products and the value sums).
+#pragma GCC optimize("fp-contract=fast")
+
 namespace kvcompact {
 namespace {
 
-using cpu::kLanes;
 
 constexpr int64_t kBlock = 32;          // KV rows per online-softmax step
 constexpr int64_t kMinSplitRows = 256;  // a split shorter than this costs more to merge than it saves
@@ -64,6 +74,9 @@ struct Job {
   const float* kscale;
   const float* vscale;
   int64_t kss[3], vss[3];  // strides of the scales over (B, Hkv, T); their last dim contiguous
+  int64_t stored_len;      // rows of k/v; rows [stored_len, s.kv_len) are the tail's
+  const float* tail_k;     // [B, Hkv, kv_len - stored_len, D] fp32, contiguous (or null)
+  const float* tail_v;
   // Outputs of the tasks: acc [task, rows, D] (unnormalized), max and sum [task, rows].
   float* acc;
   float* row_max;
@@ -71,9 +84,11 @@ struct Job {
 };
 
 // One K or V row (D elements) to fp32, times its group scales when quantized. `V`: D (and the
-// group size) are multiples of 16, so whole 16-float vectors are decoded; else element by element.
+// group size) are multiples of 16, so whole 16-float vectors are decoded, chunk c with the scale of
+// group `chunk_group[c]` (a table, so that the loop has a constant trip count when D is one).
 template <RowKind K, bool V>
-KVC_INLINE void load_row(const char* base, const float* scales, int64_t D, int64_t G, float* __restrict out) {
+KVC_INLINE void load_row(const char* base, const float* scales, int64_t D, int64_t G, const int32_t* chunk_group,
+                         float* __restrict out) {
   if constexpr (V && (K == RowKind::kF32 || K == RowKind::kF16 || K == RowKind::kBF16)) {
     for (int64_t i = 0; i < D; i += 16) {
       cpu::vf16 x;
@@ -88,19 +103,21 @@ KVC_INLINE void load_row(const char* base, const float* scales, int64_t D, int64
     }
   } else if constexpr (V) {
     const uint8_t* p = reinterpret_cast<const uint8_t*>(base);
-    for (int64_t g = 0, i = 0; i < D; ++g) {
-      const cpu::vf16 sc = cpu::splat16(scales[g]);
-      for (const int64_t end = i + G; i < end; i += 16) {
-        cpu::vf16 x;
-        if constexpr (K == RowKind::kE4M3) {
-          x = cpu::decode16_e4m3(p + i);
-        } else if constexpr (K == RowKind::kE5M2) {
-          x = cpu::decode16_e5m2(p + i);
-        } else {
-          x = cpu::decode16_int8(p + i);
-        }
-        cpu::store16(out + i, x * sc);
+    for (int64_t c = 0; c < D / 16; ++c) {
+      // An empty asm hides that the chunks are adjacent: with the chunk loop unrolled, GCC 12's
+      // straight-line vectorizer otherwise loads the row's codes as one vector and rebuilds each
+      // chunk byte by byte (16 vpinsrb) instead of one widening load -- twice the decode's cost.
+      const uint8_t* pc = p + 16 * c;
+      asm("" : "+r"(pc));
+      cpu::vf16 x;
+      if constexpr (K == RowKind::kE4M3) {
+        x = cpu::decode16_e4m3(pc);
+      } else if constexpr (K == RowKind::kE5M2) {
+        x = cpu::decode16_e5m2(pc);
+      } else {
+        x = cpu::decode16_int8(pc);
       }
+      cpu::store16(out + 16 * c, x * scales[chunk_group[c]]);
     }
   } else if constexpr (K == RowKind::kF32) {
     const float* p = reinterpret_cast<const float*>(base);
@@ -152,20 +169,47 @@ KVC_INLINE float softcapped(float x, float softcap) {
 }
 
 // Scores of query row `q` against the block's decoded keys `kblk` [n, D]: dot * scale, softcapped,
-// -inf outside the row's visible rows [lo, hi). DV > 0: D == DV, the query row lives in registers.
+// -inf outside the row's visible rows [lo, hi).
+//
+// Vector path (V): 16 keys at a time -- 16 dot products reduced together (cpu::hsum16x16), masked
+// with one compare, stored as one vector. `out` and `kblk` have room for n rounded up to 16; the
+// lanes past n are masked (callers pass hi <= first + n). DV > 0: D == DV, the query row lives in
+// registers.
 template <bool V, int DV>
 KVC_INLINE void block_scores(const float* __restrict q, const float* __restrict kblk, int64_t n, int64_t D,
                              int64_t first, int64_t lo, int64_t hi, const AttentionShape& s, float* __restrict out) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  if constexpr (DV > 0) {
-    cpu::vf16 qv[DV / 16];
-    for (int i = 0; i < DV / 16; ++i) qv[i] = cpu::load16(q + 16 * i);
-    for (int64_t j = 0; j < n; ++j) {
-      const float* k = kblk + j * DV;
-      cpu::vf16 a = qv[0] * cpu::load16(k);
-      for (int i = 1; i < DV / 16; ++i) a += qv[i] * cpu::load16(k + 16 * i);
-      const int64_t t = first + j;
-      out[j] = (t >= lo && t < hi) ? softcapped(cpu::hsum16(a) * s.scale, s.softcap) : neg_inf;
+  if constexpr (V) {
+    constexpr int kChunks = DV > 0 ? DV / 16 : 1;
+    cpu::vf16 qv[kChunks];
+    if constexpr (DV > 0) {
+      for (int i = 0; i < kChunks; ++i) qv[i] = cpu::load16(q + 16 * i);
+    }
+    const cpu::vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      cpu::vf16 dots[16];
+      for (int j = 0; j < 16; ++j) {
+        const float* k = kblk + (j0 + j) * D;
+        if constexpr (DV > 0) {
+          cpu::vf16 a = qv[0] * cpu::load16(k);
+          for (int i = 1; i < kChunks; ++i) a += qv[i] * cpu::load16(k + 16 * i);
+          dots[j] = a;
+        } else {
+          cpu::vf16 a = cpu::load16(q) * cpu::load16(k);
+          for (int64_t i = 16; i < D; i += 16) a += cpu::load16(q + i) * cpu::load16(k + i);
+          dots[j] = a;
+        }
+      }
+      cpu::vf16 x = cpu::hsum16x16(dots) * s.scale;
+      if (s.softcap > 0.0f) {
+        for (int l = 0; l < 16; ++l) x[l] = softcapped(x[l], s.softcap);
+      }
+      // Visible lanes: [lo - t0, hi - t0) clamped to [0, 16), t0 the chunk's first row.
+      const int64_t t0 = first + j0;
+      const int32_t vis_lo = static_cast<int32_t>(std::clamp<int64_t>(lo - t0, 0, 16));
+      const int32_t vis_hi = static_cast<int32_t>(std::clamp<int64_t>(hi - t0, 0, 16));
+      x = (lane >= vis_lo) & (lane < vis_hi) ? x : cpu::splat16(neg_inf);
+      cpu::store16(out + j0, x);
     }
   } else {
     for (int64_t j = 0; j < n; ++j) {
@@ -175,50 +219,152 @@ KVC_INLINE void block_scores(const float* __restrict q, const float* __restrict 
   }
 }
 
-// acc [D] += sum_j p[j] * vblk[j] (rows with p == 0 skipped: masked rows never touch the sum).
-// DV > 0: D == DV, the accumulator lives in registers for the whole block.
+// Online softmax of one row over a block: turns the row's scores `sr` [n] into weights
+// exp(score - new max), rescales what the row accumulated when its running max grows, and updates
+// the running max and sum. A row that sees nothing in the block gets zero weights.
+template <bool V>
+KVC_INLINE void block_softmax(float* __restrict sr, int64_t n, float* __restrict acc, int64_t D, float* row_max,
+                              float* row_sum) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float bmax = neg_inf;
+  if constexpr (V) {  // `sr` holds n rounded up to 16, masked lanes -inf
+    cpu::vf16 m = cpu::load16(sr);
+    for (int64_t j = 16; j < n; j += 16) m = cpu::max16_nan(m, cpu::load16(sr + j));
+    for (int l = 0; l < 16; ++l) bmax = (m[l] > bmax || m[l] != m[l]) ? m[l] : bmax;
+  } else {
+    for (int64_t j = 0; j < n; ++j) bmax = (sr[j] > bmax || sr[j] != sr[j]) ? sr[j] : bmax;
+  }
+  if (bmax == neg_inf) {  // nothing visible in this block for this row
+    std::fill(sr, sr + n, 0.0f);
+    return;
+  }
+  const float old_max = *row_max;
+  const float new_max = (bmax > old_max || bmax != bmax) ? bmax : old_max;
+  const float alpha = cpu::exp_nonpositive(old_max - new_max);  // 0 while old_max is -inf
+  float sum = 0.0f;
+  if constexpr (V) {
+    const cpu::vf16 mv = cpu::splat16(new_max);
+    cpu::vf16 total = {};
+    for (int64_t j = 0; j < n; j += 16) {
+      const cpu::vf16 p = cpu::exp16_nonpositive(cpu::load16(sr + j) - mv);
+      cpu::store16(sr + j, p);
+      total += p;
+    }
+    sum = cpu::hsum16(total);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      sr[j] = cpu::exp_nonpositive(sr[j] - new_max);
+      sum += sr[j];
+    }
+  }
+  if (alpha != 1.0f) cpu::scale_inplace(alpha, acc, D);
+  *row_sum = *row_sum * alpha + sum;
+  *row_max = new_max;
+}
+
+// acc [D] += sum_{j in [j0, j1)} p[j] * vblk[j], over the keys of the block the row sees (a masked
+// key never touches the sum, even when its value is not finite). DV > 0: D == DV, the accumulator
+// lives in registers for the whole block.
 template <bool V, int DV>
-KVC_INLINE void block_values(const float* __restrict p, const float* __restrict vblk, int64_t n, int64_t D,
-                             float* __restrict acc) {
+KVC_INLINE void block_values(const float* __restrict p, const float* __restrict vblk, int64_t j0, int64_t j1,
+                             int64_t D, float* __restrict acc) {
   if constexpr (DV > 0) {
     cpu::vf16 a[DV / 16];
     for (int i = 0; i < DV / 16; ++i) a[i] = cpu::load16(acc + 16 * i);
-    for (int64_t j = 0; j < n; ++j) {
-      if (p[j] == 0.0f) continue;
+    for (int64_t j = j0; j < j1; ++j) {
       const cpu::vf16 pj = cpu::splat16(p[j]);
       const float* v = vblk + j * DV;
       for (int i = 0; i < DV / 16; ++i) a[i] += pj * cpu::load16(v + 16 * i);
     }
     for (int i = 0; i < DV / 16; ++i) cpu::store16(acc + 16 * i, a[i]);
   } else {
+    for (int64_t j = j0; j < j1; ++j) axpy_row<V>(p[j], vblk + j * D, acc, D);
+  }
+}
+
+// Where one task reads rows: a K/V source (the stored rows, or the tail of exact newest rows) for
+// one (batch, KV head), its rows numbered from `first` in the attended sequence.
+struct RowSource {
+  const char* k;
+  const char* v;
+  int64_t k_row, v_row;  // bytes between consecutive rows
+  const float* ks;       // scales (quantized sources only)
+  const float* vs;
+  int64_t ks_row, vs_row;  // floats between consecutive rows' scales
+  int64_t first;
+};
+
+// Per-task state: the query rows, their visible ranges, the online-softmax accumulators, and
+// 64-byte-aligned scratch (a 16-float vector that straddles two cache lines costs a second access).
+struct TaskState {
+  const float* q;  // [R, D]
+  const int64_t* lo;
+  const int64_t* hi;
+  float* acc;  // [R, D]
+  float* row_max;
+  float* row_sum;
+  float* kblk;    // [kBlock, D]
+  float* vblk;    // [kBlock, D]
+  float* scores;  // [R, kBlock]
+  const int32_t* chunk_group;
+};
+
+// Rows [from, to) of `src` for every query row of the task, in blocks of kBlock: a block's key
+// rows and value rows are each decoded once into scratch and then used by every query row.
+template <RowKind K, bool V, int DV>
+KVC_INLINE void attend_rows(const Job& job, const RowSource& src, int64_t from, int64_t to, const TaskState& st) {
+  const AttentionShape& s = job.s;
+  const int64_t R = job.rows;
+  const int64_t D = DV > 0 ? DV : s.head_dim;  // a constant when DV > 0, so loops over it unroll
+  const int64_t G = s.quantized ? s.group_size : D;
+  for (int64_t blk = from; blk < to; blk += kBlock) {
+    const int64_t n = std::min(kBlock, to - blk);
+    const int64_t row0 = blk - src.first;
     for (int64_t j = 0; j < n; ++j) {
-      if (p[j] != 0.0f) axpy_row<V>(p[j], vblk + j * D, acc, D);
+      load_row<K, V>(src.k + (row0 + j) * src.k_row, src.ks ? src.ks + (row0 + j) * src.ks_row : nullptr, D, G,
+                     st.chunk_group, st.kblk + j * D);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      // A row's range may run past this source's rows (into the tail): clip it to the block.
+      block_scores<V, DV>(st.q + r * D, st.kblk, n, D, blk, st.lo[r], std::min(st.hi[r], blk + n), s,
+                          st.scores + r * kBlock);
+      block_softmax<V>(st.scores + r * kBlock, n, st.acc + r * D, D, st.row_max + r, st.row_sum + r);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      load_row<K, V>(src.v + (row0 + j) * src.v_row, src.vs ? src.vs + (row0 + j) * src.vs_row : nullptr, D, G,
+                     st.chunk_group, st.vblk + j * D);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t j0 = std::clamp<int64_t>(st.lo[r] - blk, 0, n), j1 = std::clamp<int64_t>(st.hi[r] - blk, 0, n);
+      block_values<V, DV>(st.scores + r * kBlock, st.vblk, j0, j1, D, st.acc + r * D);
     }
   }
 }
 
-// One task: query rows of (b, hk) against rows [t0, t1) of the split. A block's key rows and
-// value rows are each decoded once into scratch and then used by every query row.
+// One task: the query rows of (b, hk) against rows [t0, t1) of the split -- the stored rows, then
+// the tail's (exact newest rows, fp32) where the split reaches them.
 template <RowKind K, bool V, int DV>
-KVC_INLINE void run_task(const Job& job, int64_t task, float* scratch) {
+KVC_INLINE void run_task(const Job& job, int64_t task, float* scratch, const int32_t* chunk_group) {
   const AttentionShape& s = job.s;
   const int64_t D = s.head_dim, Q = s.q_len, R = job.rows;
-  const int64_t G = s.quantized ? s.group_size : D;
   const int64_t split = task % job.splits;
   const int64_t bh = task / job.splits;
   const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
 
-  float* acc = job.acc + task * R * D;
-  float* row_max = job.row_max + task * R;
-  float* row_sum = job.row_sum + task * R;
-  float* kblk = scratch;              // [kBlock, D]
-  float* vblk = kblk + kBlock * D;    // [kBlock, D]
-  float* scores = vblk + kBlock * D;  // [R, kBlock]
-  int64_t* lo = reinterpret_cast<int64_t*>(scores + R * kBlock);  // [R]
-  int64_t* hi = lo + R;                                           // [R]
-
+  TaskState st;
+  st.acc = job.acc + task * R * D;
+  st.row_max = job.row_max + task * R;
+  st.row_sum = job.row_sum + task * R;
+  st.kblk = scratch;
+  st.vblk = st.kblk + kBlock * D;
+  st.scores = st.vblk + kBlock * D;
+  int64_t* lo = reinterpret_cast<int64_t*>(st.scores + R * kBlock);
+  int64_t* hi = lo + R;
+  st.lo = lo;
+  st.hi = hi;
+  st.chunk_group = chunk_group;
   // Query row r = (head hk * n_rep + r / Q, query r % Q); rows of one task are contiguous in q.
-  const float* qrows = job.q + ((b * s.q_heads + hk * job.n_rep) * Q) * D;
+  st.q = job.q + ((b * s.q_heads + hk * job.n_rep) * Q) * D;
 
   const int64_t t0 = split * job.split_len;
   const int64_t t1 = std::min(s.kv_len, t0 + job.split_len);
@@ -232,85 +378,71 @@ KVC_INLINE void run_task(const Job& job, int64_t task, float* scratch) {
       u0 = std::min(u0, lo[r]);
       u1 = std::max(u1, hi[r]);
     }
-    row_max[r] = -std::numeric_limits<float>::infinity();
-    row_sum[r] = 0.0f;
+    st.row_max[r] = -std::numeric_limits<float>::infinity();
+    st.row_sum[r] = 0.0f;
   }
-  std::fill(acc, acc + R * D, 0.0f);
+  std::fill(st.acc, st.acc + R * D, 0.0f);
 
-  const char* kbase = job.k + (b * job.ks[0] + hk * job.ks[1]) * job.elem;
-  const char* vbase = job.v + (b * job.vs[0] + hk * job.vs[1]) * job.elem;
-  const float* ksbase = s.quantized ? job.kscale + b * job.kss[0] + hk * job.kss[1] : nullptr;
-  const float* vsbase = s.quantized ? job.vscale + b * job.vss[0] + hk * job.vss[1] : nullptr;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  const int64_t Dc = DV > 0 ? DV : D;  // a constant when DV > 0, so loops over it unroll
-
-  for (int64_t blk = u0; blk < u1; blk += kBlock) {
-    const int64_t n = std::min(kBlock, u1 - blk);
-    // Scores of every row against the block's keys.
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = blk + j;
-      load_row<K, V>(kbase + t * job.ks[2] * job.elem, s.quantized ? ksbase + t * job.kss[2] : nullptr, Dc, G,
-                     kblk + j * Dc);
+  const int64_t T = job.stored_len;
+  if (u0 < std::min(u1, T)) {
+    RowSource src{};
+    src.k = job.k + (b * job.ks[0] + hk * job.ks[1]) * job.elem;
+    src.v = job.v + (b * job.vs[0] + hk * job.vs[1]) * job.elem;
+    src.k_row = job.ks[2] * job.elem;
+    src.v_row = job.vs[2] * job.elem;
+    if (s.quantized) {
+      src.ks = job.kscale + b * job.kss[0] + hk * job.kss[1];
+      src.vs = job.vscale + b * job.vss[0] + hk * job.vss[1];
+      src.ks_row = job.kss[2];
+      src.vs_row = job.vss[2];
     }
-    for (int64_t r = 0; r < R; ++r) {
-      block_scores<V, DV>(qrows + r * Dc, kblk, n, Dc, blk, lo[r], hi[r], s, scores + r * kBlock);
-    }
-    // Online softmax: rescale what was accumulated when the running max grows.
-    for (int64_t r = 0; r < R; ++r) {
-      float* sr = scores + r * kBlock;
-      float bmax = neg_inf;
-      for (int64_t j = 0; j < n; ++j) bmax = (sr[j] > bmax || sr[j] != sr[j]) ? sr[j] : bmax;
-      if (bmax == neg_inf) {  // nothing visible in this block for this row
-        for (int64_t j = 0; j < n; ++j) sr[j] = 0.0f;
-        continue;
-      }
-      const float old_max = row_max[r];
-      const float new_max = (bmax > old_max || bmax != bmax) ? bmax : old_max;
-      const float alpha = cpu::exp_nonpositive(old_max - new_max);  // 0 while old_max is -inf
-      float sum = 0.0f;
-      float part[kLanes] = {};
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          const float p = cpu::exp_nonpositive(sr[j + l] - new_max);
-          sr[j + l] = p;
-          part[l] += p;
-        }
-      }
-      for (; j < n; ++j) {
-        sr[j] = cpu::exp_nonpositive(sr[j] - new_max);
-        sum += sr[j];
-      }
-      sum += cpu::reduce_lanes(part);
-      if (alpha != 1.0f) cpu::scale_inplace(alpha, acc + r * D, D);
-      row_sum[r] = row_sum[r] * alpha + sum;
-      row_max[r] = new_max;
-    }
-    // Weighted values.
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = blk + j;
-      load_row<K, V>(vbase + t * job.vs[2] * job.elem, s.quantized ? vsbase + t * job.vss[2] : nullptr, Dc, G,
-                     vblk + j * Dc);
-    }
-    for (int64_t r = 0; r < R; ++r) block_values<V, DV>(scores + r * kBlock, vblk, n, Dc, acc + r * Dc);
+    attend_rows<K, V, DV>(job, src, u0, std::min(u1, T), st);
+  }
+  if (std::max(u0, T) < u1) {
+    // The tail: fp32 [B, Hkv, T_tail, D], contiguous.
+    const int64_t tail_len = s.kv_len - T;
+    RowSource src{};
+    src.k = reinterpret_cast<const char*>(job.tail_k + (b * s.kv_heads + hk) * tail_len * D);
+    src.v = reinterpret_cast<const char*>(job.tail_v + (b * s.kv_heads + hk) * tail_len * D);
+    src.k_row = src.v_row = D * static_cast<int64_t>(sizeof(float));
+    src.first = T;
+    attend_rows<RowKind::kF32, V, DV>(job, src, std::max(u0, T), u1, st);
   }
 }
+
+// 64-byte-aligned float scratch for one thread's tasks.
+class Scratch {
+ public:
+  explicit Scratch(int64_t floats) : buf_(static_cast<size_t>(floats + 16)) {}
+  float* data() {
+    const auto addr = reinterpret_cast<uintptr_t>(buf_.data());
+    return reinterpret_cast<float*>((addr + 63) & ~uintptr_t(63));
+  }
+
+ private:
+  std::vector<float> buf_;  // zeroed: lanes past a block's last key are read (and masked)
+};
 
 template <RowKind K>
 KVC_INLINE void run_tasks(const Job& job, int64_t begin, int64_t end) {
   const int64_t R = job.rows, D = job.s.head_dim;
   // kblk, vblk, scores, lo, hi (the int64 arrays take two floats per entry).
-  std::vector<float> scratch(static_cast<size_t>(2 * kBlock * D + R * kBlock + 4 * R));
+  Scratch scratch(2 * kBlock * D + R * kBlock + 4 * R);
   const bool vec = D % 16 == 0 && (!job.s.quantized || job.s.group_size % 16 == 0);
+  // Group of each 16-float chunk of a row (vector path of quantized rows).
+  std::vector<int32_t> chunk_group(static_cast<size_t>(D / 16 + 1));
+  if (vec && job.s.quantized) {
+    for (int64_t c = 0; c < D / 16; ++c) chunk_group[c] = static_cast<int32_t>(16 * c / job.s.group_size);
+  }
   for (int64_t task = begin; task < end; ++task) {
     if (vec && D == 64) {
-      run_task<K, true, 64>(job, task, scratch.data());
+      run_task<K, true, 64>(job, task, scratch.data(), chunk_group.data());
     } else if (vec && D == 128) {
-      run_task<K, true, 128>(job, task, scratch.data());
+      run_task<K, true, 128>(job, task, scratch.data(), chunk_group.data());
     } else if (vec) {
-      run_task<K, true, 0>(job, task, scratch.data());
+      run_task<K, true, 0>(job, task, scratch.data(), chunk_group.data());
     } else {
-      run_task<K, false, 0>(job, task, scratch.data());
+      run_task<K, false, 0>(job, task, scratch.data(), chunk_group.data());
     }
   }
 }
@@ -358,11 +490,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& query_
                                                          const c10::optional<at::Tensor>& key_scales,
                                                          const c10::optional<at::Tensor>& value_scales,
                                                          double scale, double softcap, int64_t window,
-                                                         c10::optional<int64_t> query_start) {
+                                                         c10::optional<int64_t> query_start,
+                                                         const c10::optional<at::Tensor>& tail_key,
+                                                         const c10::optional<at::Tensor>& tail_value) {
   const char* op = "decode_attention";
   const AttentionShape s =
       check_decode_attention(op, query_in, key_in, value_in, key_scales, value_scales, scale, softcap, window,
-                             query_start);
+                             query_start, tail_key, tail_value);
   const auto f32 = query_in.options().dtype(at::kFloat);
   at::Tensor out = at::zeros({s.batch, s.q_heads, s.q_len, s.head_dim}, f32);
   at::Tensor lse = at::full({s.batch, s.q_heads, s.q_len}, -std::numeric_limits<float>::infinity(), f32);
@@ -371,6 +505,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& query_
   const at::Tensor query = query_in.to(at::kFloat).contiguous();
   const at::Tensor key = last_dim_contiguous(key_in);
   const at::Tensor value = last_dim_contiguous(value_in);
+  // The tail is a few rows (the newest, exact): read as fp32 whatever its dtype.
+  at::Tensor tail_k, tail_v;
+  if (s.kv_len > s.stored_len) {
+    tail_k = tail_key->to(at::kFloat).contiguous();
+    tail_v = tail_value->to(at::kFloat).contiguous();
+  }
   at::Tensor kscale, vscale;
   if (s.quantized) {
     kscale = last_dim_contiguous(*key_scales);
@@ -389,6 +529,11 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& query_
   job.k = static_cast<const char*>(key.const_data_ptr());
   job.v = static_cast<const char*>(value.const_data_ptr());
   job.elem = key.element_size();
+  job.stored_len = s.stored_len;
+  if (tail_k.defined()) {
+    job.tail_k = tail_k.const_data_ptr<float>();
+    job.tail_v = tail_v.const_data_ptr<float>();
+  }
   for (int d = 0; d < 3; ++d) {
     job.ks[d] = key.stride(d);
     job.vs[d] = value.stride(d);

@@ -59,6 +59,7 @@
 #include <tuple>
 
 #include "kvcompact/attention_args.h"
+#include "kvcompact/attention_merge.h"
 #include "kvcompact/quant_math.h"
 #include "kvcompact/quant_math_cuda.cuh"
 #include "kvcompact/vec.h"
@@ -835,15 +836,16 @@ int layout_bytes(AttnParams& p, int W, int RB, bool quantized) {
   return p.off_alpha + align16(int64_t{RB} * 4);
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& key_in,
-                                                          const at::Tensor& value_in,
-                                                          const c10::optional<at::Tensor>& key_scales,
-                                                          const c10::optional<at::Tensor>& value_scales,
-                                                          double scale, double softcap, int64_t window,
-                                                          c10::optional<int64_t> query_start) {
+// Attention over the stored rows only (no tail).
+std::tuple<at::Tensor, at::Tensor> attend_stored_cuda(const at::Tensor& query_in, const at::Tensor& key_in,
+                                                       const at::Tensor& value_in,
+                                                       const c10::optional<at::Tensor>& key_scales,
+                                                       const c10::optional<at::Tensor>& value_scales, double scale,
+                                                       double softcap, int64_t window,
+                                                       c10::optional<int64_t> query_start) {
   const char* op = "decode_attention";
   const AttentionShape s = check_decode_attention(op, query_in, key_in, value_in, key_scales, value_scales, scale,
-                                                  softcap, window, query_start);
+                                                  softcap, window, query_start, c10::nullopt, c10::nullopt);
   const c10::cuda::CUDAGuard guard(query_in.device());
   const auto f32 = query_in.options().dtype(at::kFloat);
   const float inf = std::numeric_limits<float>::infinity();
@@ -1000,6 +1002,30 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& query
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {out, lse};
+}
+
+// The kernel reads one row source; a tail (exact newest rows, a few) is attended as a second
+// segment and merged by log-sum-exp.
+std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& key_in,
+                                                          const at::Tensor& value_in,
+                                                          const c10::optional<at::Tensor>& key_scales,
+                                                          const c10::optional<at::Tensor>& value_scales,
+                                                          double scale, double softcap, int64_t window,
+                                                          c10::optional<int64_t> query_start,
+                                                          const c10::optional<at::Tensor>& tail_key,
+                                                          const c10::optional<at::Tensor>& tail_value) {
+  const AttentionShape s = check_decode_attention("decode_attention", query_in, key_in, value_in, key_scales,
+                                                  value_scales, scale, softcap, window, query_start, tail_key,
+                                                  tail_value);
+  if (!tail_key.has_value()) {
+    return attend_stored_cuda(query_in, key_in, value_in, key_scales, value_scales, scale, softcap, window,
+                              s.query_start);
+  }
+  const auto stored = attend_stored_cuda(query_in, key_in, value_in, key_scales, value_scales, scale, softcap,
+                                         window, s.query_start);
+  const auto tail = attend_stored_cuda(query_in, *tail_key, *tail_value, c10::nullopt, c10::nullopt, scale,
+                                       softcap, window, s.query_start - s.stored_len);
+  return merge_attention_parts(std::get<0>(stored), std::get<1>(stored), std::get<0>(tail), std::get<1>(tail));
 }
 
 }  // namespace

@@ -272,8 +272,10 @@ class KVCompactLayer(compat.CacheLayerMixin):
         """Attention of ``query`` ``[B, Hq, Q, D]`` over what the last :meth:`update_deferred` appended
         to, or None when ``key`` is not the tensor that call returned (another cache's forward).
 
-        Returns ``(out [B, Hq, Q, D] float32, lse [B, Hq, Q] float32)``: the storage segments
-        (codes read in place, the newest rows exact) attended separately and merged.
+        Returns ``(out [B, Hq, Q, D] float32, lse [B, Hq, Q] float32)``. The stored segments are
+        read in place (8-bit codes included); the exact newest rows of a quantized layer ride as the
+        ``tail`` of the last segment's call, so a decode step over one stored segment is one call
+        with no merge. Several segments (a shared prefix) merge by log-sum-exp.
         """
         pending = self._pending
         if pending is None or pending[0] is not key:
@@ -283,11 +285,15 @@ class KVCompactLayer(compat.CacheLayerMixin):
         rows = self.storage.length - start
         q = query.shape[2]
         window = self.window if self.is_sliding else None
-        parts = [
-            ops.decode_attention(query, k, v, ks, vs, scale=scale, softcap=softcap, window=window,
-                                 query_start=rows - q - offset)
-            for k, v, ks, vs, offset in self.storage.attention_segments(start, exact_key, exact_value)
-        ]
+        segments, tail = self.storage.attention_segments(start, exact_key, exact_value)
+        if tail is not None and not segments:  # every row is exact: attend the tail as the segment
+            segments = [(*tail, None, None, rows - tail[0].shape[2])]
+            tail = None
+        parts = []
+        for i, (k, v, ks, vs, offset) in enumerate(segments):
+            tk, tv = tail if tail is not None and i == len(segments) - 1 else (None, None)
+            parts.append(ops.decode_attention(query, k, v, ks, vs, scale=scale, softcap=softcap, window=window,
+                                              query_start=rows - q - offset, tail_key=tk, tail_value=tv))
         return ops.merge_attention(parts)
 
     def compact(self, keep_idx: torch.Tensor, validate: bool = True) -> None:

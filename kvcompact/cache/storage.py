@@ -361,18 +361,20 @@ class TokenStore:
                 self.value_scales[:, :, lo:hi])
 
     def attention_segments(self, start: int, exact_key: torch.Tensor, exact_value: torch.Tensor):
-        """What :meth:`view` returns, as segments ``decode_attention`` reads in place (no workspace).
+        """What :meth:`view` returns, as ``decode_attention`` inputs read in place (no workspace).
 
-        Rows ``[start, length)`` as a list of ``(key, value, key_scales, value_scales, offset)``:
-        ``offset`` is the segment's first row counted from ``start``. Lossless: one segment over
-        the buffers. Quantized: the codes of the older rows, then the newest rows in full precision
-        (the residual shadow's and ``exact_key``/``exact_value`` ``[B, H, Q, D]``, the chunk just
-        appended), as :meth:`view` overwrites them -- so both paths attend to the same values.
+        Rows ``[start, length)`` as ``(segments, tail)``. ``segments`` is a list of
+        ``(key, value, key_scales, value_scales, offset)`` over the stored rows, ``offset`` the
+        segment's first row counted from ``start``. ``tail`` is None for lossless storage (one
+        segment over the buffers); quantized, it is ``(key, value)`` ``[B, H, E, D]``, the newest
+        ``E`` rows in full precision -- the residual shadow's and ``exact_key``/``exact_value``
+        ``[B, H, Q, D]``, the chunk just appended -- as :meth:`view` overwrites them, so both
+        paths attend to the same values. The tail follows the last segment's rows.
         """
         n = self.length
         if self.fmt is None:
             return [(*store._stored_segment(lo, hi), at - start)
-                    for (store, lo, hi), at in self._with_offsets(start, n)]
+                    for (store, lo, hi), at in self._with_offsets(start, n)], None
         q = min(exact_key.shape[2], n - start)
         exact = max(min(self.residual, self.shadow_len, n - start), q)
         key_tail, value_tail = exact_key[:, :, exact_key.shape[2] - q:], exact_value[:, :, exact_value.shape[2] - q:]
@@ -380,11 +382,9 @@ class TokenStore:
             s = self.shadow_len
             key_tail = torch.cat([self.key_shadow[:, :, s - exact : s - q], key_tail], dim=2)
             value_tail = torch.cat([self.value_shadow[:, :, s - exact : s - q], value_tail], dim=2)
-        split = n - exact
         segments = [(*store._stored_segment(lo, hi), at - start)
-                    for (store, lo, hi), at in self._with_offsets(start, split)]
-        segments.append((key_tail, value_tail, None, None, split - start))
-        return segments
+                    for (store, lo, hi), at in self._with_offsets(start, n - exact)]
+        return segments, (key_tail, value_tail)
 
     def _with_offsets(self, start: int, end: int):
         """:meth:`_row_sources` pieces with the row each one starts at."""

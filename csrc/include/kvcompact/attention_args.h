@@ -13,6 +13,9 @@
 //   lse [B, Hq, Q] (natural log-sum-exp of the visible scores; -inf, with
 //   out = 0, when a query sees no row). Segments attended separately merge
 //   exactly: lse = logaddexp(lse_a, lse_b), out = sum_s exp(lse_s - lse) out_s.
+//   An optional tail (tail_key/tail_value [B, Hkv, T_tail, D], a float dtype) is rows
+//   [T, T + T_tail) of the same sequence: the exact newest rows of an 8-bit cache, attended in
+//   the same pass instead of as a second segment. Positions count over all T + T_tail rows.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,7 +29,9 @@
 namespace kvcompact {
 
 struct AttentionShape {
-  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim;
+  int64_t batch, q_heads, kv_heads, q_len, head_dim;
+  int64_t stored_len;  // rows in key/value
+  int64_t kv_len;      // rows attended: stored_len plus the tail's
   bool quantized;
   QuantFormat fmt;     // quantized only
   int64_t groups;      // scales per row (quantized only; 0 otherwise)
@@ -46,7 +51,9 @@ inline AttentionShape check_decode_attention(const char* op, const at::Tensor& q
                                              const c10::optional<at::Tensor>& key_scales,
                                              const c10::optional<at::Tensor>& value_scales,
                                              double scale, double softcap, int64_t window,
-                                             c10::optional<int64_t> query_start) {
+                                             c10::optional<int64_t> query_start,
+                                             const c10::optional<at::Tensor>& tail_key,
+                                             const c10::optional<at::Tensor>& tail_value) {
   check_attention_4d(op, "query", query);
   check_attention_4d(op, "key", key);
   check_attention_4d(op, "value", value);
@@ -63,7 +70,7 @@ inline AttentionShape check_decode_attention(const char* op, const at::Tensor& q
   s.q_len = query.size(2);
   s.head_dim = query.size(3);
   s.kv_heads = key.size(1);
-  s.kv_len = key.size(2);
+  s.stored_len = key.size(2);
   TORCH_CHECK_VALUE(key.size(0) == s.batch, op, ": `key` batch (", key.size(0),
                     ") must equal `query` batch (", s.batch, ")");
   TORCH_CHECK_VALUE(key.size(3) == s.head_dim, op, ": `key` head dim (", key.size(3),
@@ -113,6 +120,26 @@ inline AttentionShape check_decode_attention(const char* op, const at::Tensor& q
   s.scale = static_cast<float>(scale);
   s.softcap = static_cast<float>(softcap);
   s.window = window;
+  s.kv_len = s.stored_len;
+  TORCH_CHECK_VALUE(tail_key.has_value() == tail_value.has_value(), op,
+                    ": pass both `tail_key` and `tail_value` or neither");
+  if (tail_key.has_value()) {
+    const at::Tensor& tk = *tail_key;
+    const at::Tensor& tv = *tail_value;
+    check_attention_4d(op, "tail_key", tk);
+    check_attention_4d(op, "tail_value", tv);
+    check_same_device(op, "query", query, "tail_key", tk);
+    check_same_device(op, "query", query, "tail_value", tv);
+    TORCH_CHECK_TYPE(is_float_activation(tk.scalar_type()) && tk.scalar_type() == tv.scalar_type(), op,
+                     ": `tail_key` and `tail_value` must share a float dtype (float32, float16 or "
+                     "bfloat16); got ", tk.scalar_type(), " and ", tv.scalar_type());
+    TORCH_CHECK_VALUE(tk.sizes() == tv.sizes(), op, ": `tail_key` ", tk.sizes(), " and `tail_value` ",
+                      tv.sizes(), " must have the same shape");
+    TORCH_CHECK_VALUE(tk.size(0) == s.batch && tk.size(1) == s.kv_heads && tk.size(3) == s.head_dim, op,
+                      ": `tail_key` must be [B, Hkv, T_tail, D] with key's B, Hkv, D = ", s.batch, ", ",
+                      s.kv_heads, ", ", s.head_dim, "; got ", tk.sizes());
+    s.kv_len += tk.size(2);
+  }
   s.query_start = query_start.has_value() ? *query_start : s.kv_len - s.q_len;
   // Far outside [-2^40, 2^40] the position arithmetic could overflow; no cache is that long.
   constexpr int64_t kMaxPos = int64_t(1) << 40;

@@ -64,6 +64,32 @@ KVC_INLINE float hsum16(vf16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// Lane j of the result = the sum of the 16 lanes of a[j]: 16 horizontal sums (the dot products of
+// one query with 16 keys) in 15 two-vector steps of two shuffles and an add, instead of 16
+// separate reductions. Each step halves the partial sums per key and doubles the keys per vector:
+// 16 keys x 16 partials -> 8 vectors of 2 keys x 8 -> 4 of 4 x 4 -> 2 of 8 x 2 -> 1 of 16 x 1.
+KVC_INLINE vf16 hsum16x16(const vf16 (&a)[16]) {
+  vf16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Lane-wise max that propagates NaN from either side (a softmax over a NaN score is NaN).
+KVC_INLINE vf16 max16_nan(vf16 a, vf16 b) { return (a > b) | (a != a) ? a : b; }
+
 // 16 storage elements to fp32, exact: the vector forms of quant_math.h's decode<F> (and of c10's
 // fp16/bf16 conversions), checked against them for every 8-bit code by the tests.
 KVC_INLINE vf16 bits16(vu16 b) {
@@ -180,6 +206,30 @@ KVC_INLINE float exp_nonpositive(float x) {
   const float two_n = fp32_from_bits(static_cast<uint32_t>(ni + 127) << 23);
   const float y = p * two_n;
   return nan_in != nan_in ? nan_in : (tiny ? 0.0f : y);
+}
+
+// exp_nonpositive on 16 lanes, written as vector operations so that it does not depend on the
+// compiler vectorizing a loop: the same reduction and polynomial, with n = round(x / ln2) taken by
+// adding and subtracting 1.5 * 2^23 (round to nearest even; |r| <= ln2 / 2 either way).
+KVC_INLINE vf16 exp16_nonpositive(vf16 x) {
+  const vi16 nan_in = x != x;
+  const vi16 tiny = ~(x > -87.3f);  // also NaN and -inf
+  const vf16 xc = tiny ? splat16(-87.3f) : x;
+  const vf16 shifter = splat16(12582912.0f);  // 1.5 * 2^23
+  const vf16 n = (xc * 1.44269504f + shifter) - shifter;
+  vf16 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf16 p = splat16(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi16 biased = __builtin_convertvector(n, vi16) + 127;  // n in [-126, 0]: positive
+  const vu16 two_n_bits = (vu16)biased << 23;  // a vector cast: the same bits
+  const vf16 y = p * bits16(two_n_bits);
+  return nan_in ? x : (tiny ? splat16(0.0f) : y);
 }
 
 }  // namespace cpu
