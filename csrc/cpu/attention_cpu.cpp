@@ -423,8 +423,33 @@ class Scratch {
   std::vector<float> buf_;  // zeroed: lanes past a block's last key are read (and masked)
 };
 
-template <RowKind K>
-KVC_INLINE void run_tasks(const Job& job, int64_t begin, int64_t end) {
+// One compiled function per (ISA, storage kind, head-dim variant). Each is small: inlined together
+// into one function per ISA, the variants' hot loops lost their registers to spills.
+using TaskFn = void (*)(const Job&, int64_t task, float* scratch, const int32_t* chunk_group);
+
+struct GenericIsa {
+  template <RowKind K, bool V, int DV>
+  static void task(const Job& job, int64_t task, float* scratch, const int32_t* chunk_group) {
+    run_task<K, V, DV>(job, task, scratch, chunk_group);
+  }
+};
+#if KVC_HAS_X86_ISAS
+struct Avx2Isa {
+  template <RowKind K, bool V, int DV>
+  KVC_TARGET_AVX2 static void task(const Job& job, int64_t task, float* scratch, const int32_t* chunk_group) {
+    run_task<K, V, DV>(job, task, scratch, chunk_group);
+  }
+};
+struct Avx512Isa {
+  template <RowKind K, bool V, int DV>
+  KVC_TARGET_AVX512 static void task(const Job& job, int64_t task, float* scratch, const int32_t* chunk_group) {
+    run_task<K, V, DV>(job, task, scratch, chunk_group);
+  }
+};
+#endif
+
+template <class Isa, RowKind K>
+void run_tasks(const Job& job, int64_t begin, int64_t end) {
   const int64_t R = job.rows, D = job.s.head_dim;
   // kblk, vblk, scores, lo, hi (the int64 arrays take two floats per entry).
   Scratch scratch(2 * kBlock * D + R * kBlock + 4 * R);
@@ -434,47 +459,36 @@ KVC_INLINE void run_tasks(const Job& job, int64_t begin, int64_t end) {
   if (vec && job.s.quantized) {
     for (int64_t c = 0; c < D / 16; ++c) chunk_group[c] = static_cast<int32_t>(16 * c / job.s.group_size);
   }
-  for (int64_t task = begin; task < end; ++task) {
-    if (vec && D == 64) {
-      run_task<K, true, 64>(job, task, scratch.data(), chunk_group.data());
-    } else if (vec && D == 128) {
-      run_task<K, true, 128>(job, task, scratch.data(), chunk_group.data());
-    } else if (vec) {
-      run_task<K, true, 0>(job, task, scratch.data(), chunk_group.data());
-    } else {
-      run_task<K, false, 0>(job, task, scratch.data(), chunk_group.data());
-    }
-  }
+  const TaskFn fn = !vec         ? &Isa::template task<K, false, 0>
+                    : D == 64    ? &Isa::template task<K, true, 64>
+                    : D == 128   ? &Isa::template task<K, true, 128>
+                                 : &Isa::template task<K, true, 0>;
+  for (int64_t task = begin; task < end; ++task) fn(job, task, scratch.data(), chunk_group.data());
 }
 
-KVC_INLINE void run_tasks_any(const Job& job, int64_t begin, int64_t end) {
+template <class Isa>
+void run_isa(const Job& job, int64_t begin, int64_t end) {
   switch (job.kind) {
-    case RowKind::kF32: run_tasks<RowKind::kF32>(job, begin, end); break;
-    case RowKind::kF16: run_tasks<RowKind::kF16>(job, begin, end); break;
-    case RowKind::kBF16: run_tasks<RowKind::kBF16>(job, begin, end); break;
-    case RowKind::kE4M3: run_tasks<RowKind::kE4M3>(job, begin, end); break;
-    case RowKind::kE5M2: run_tasks<RowKind::kE5M2>(job, begin, end); break;
-    case RowKind::kInt8: run_tasks<RowKind::kInt8>(job, begin, end); break;
+    case RowKind::kF32: run_tasks<Isa, RowKind::kF32>(job, begin, end); break;
+    case RowKind::kF16: run_tasks<Isa, RowKind::kF16>(job, begin, end); break;
+    case RowKind::kBF16: run_tasks<Isa, RowKind::kBF16>(job, begin, end); break;
+    case RowKind::kE4M3: run_tasks<Isa, RowKind::kE4M3>(job, begin, end); break;
+    case RowKind::kE5M2: run_tasks<Isa, RowKind::kE5M2>(job, begin, end); break;
+    case RowKind::kInt8: run_tasks<Isa, RowKind::kInt8>(job, begin, end); break;
   }
 }
-
-void run_generic(const Job& job, int64_t begin, int64_t end) { run_tasks_any(job, begin, end); }
-#if KVC_HAS_X86_ISAS
-KVC_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) { run_tasks_any(job, begin, end); }
-KVC_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) { run_tasks_any(job, begin, end); }
-#endif
 
 using RunFn = void (*)(const Job&, int64_t, int64_t);
 
 RunFn pick_kernel() {
 #if KVC_HAS_X86_ISAS
   switch (cpu::cpu_isa()) {
-    case cpu::Isa::kAvx512: return &run_avx512;
-    case cpu::Isa::kAvx2: return &run_avx2;
+    case cpu::Isa::kAvx512: return &run_isa<Avx512Isa>;
+    case cpu::Isa::kAvx2: return &run_isa<Avx2Isa>;
     case cpu::Isa::kGeneric: break;
   }
 #endif
-  return &run_generic;
+  return &run_isa<GenericIsa>;
 }
 
 int64_t choose_splits(const AttentionShape& s) {
