@@ -230,7 +230,7 @@ KVC_INLINE void block_softmax(float* __restrict sr, int64_t n, float* __restrict
   if constexpr (V) {  // `sr` holds n rounded up to 16, masked lanes -inf
     cpu::vf16 m = cpu::load16(sr);
     for (int64_t j = 16; j < n; j += 16) m = cpu::max16_nan(m, cpu::load16(sr + j));
-    for (int l = 0; l < 16; ++l) bmax = (m[l] > bmax || m[l] != m[l]) ? m[l] : bmax;
+    bmax = cpu::hmax16_nan(m);
   } else {
     for (int64_t j = 0; j < n; ++j) bmax = (sr[j] > bmax || sr[j] != sr[j]) ? sr[j] : bmax;
   }
@@ -494,9 +494,11 @@ RunFn pick_kernel() {
 int64_t choose_splits(const AttentionShape& s) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t heads = std::max<int64_t>(1, s.batch * s.kv_heads);
-  const int64_t want = (4 * threads + heads - 1) / heads;  // a few tasks per thread for balance
   const int64_t most = std::max<int64_t>(1, s.kv_len / kMinSplitRows);
-  return std::max<int64_t>(1, std::min(want, most));
+  int64_t splits = std::min((4 * threads + heads - 1) / heads, most);  // a few tasks per thread
+  // Equal shares: 3 KV heads x 3 splits on 2 threads leave one thread a fifth task to run alone.
+  while (splits < most && (heads * splits) % threads != 0) ++splits;
+  return std::max<int64_t>(1, splits);
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& query_in, const at::Tensor& key_in,

@@ -90,6 +90,23 @@ KVC_INLINE vf16 hsum16x16(const vf16 (&a)[16]) {
 // Lane-wise max that propagates NaN from either side (a softmax over a NaN score is NaN).
 KVC_INLINE vf16 max16_nan(vf16 a, vf16 b) { return (a > b) | (a != a) ? a : b; }
 
+// The max of the 16 lanes (NaN if any lane is), as a tree of vector maxes: a scalar loop over the
+// lanes compiles to data-dependent branches that mispredict on random scores.
+KVC_INLINE float hmax16_nan(vf16 v) {
+  typedef float vf8 __attribute__((vector_size(32)));
+  typedef float vf4 __attribute__((vector_size(16)));
+  const vf8 lo8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const vf8 hi8 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf8 a = (lo8 > hi8) | (lo8 != lo8) ? lo8 : hi8;
+  const vf4 lo4 = __builtin_shufflevector(a, a, 0, 1, 2, 3), hi4 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  vf4 b = (lo4 > hi4) | (lo4 != lo4) ? lo4 : hi4;
+  const vf4 c = __builtin_shufflevector(b, b, 2, 3, 0, 1);
+  b = (b > c) | (b != b) ? b : c;
+  const vf4 d = __builtin_shufflevector(b, b, 1, 0, 3, 2);
+  b = (b > d) | (b != b) ? b : d;
+  return b[0];
+}
+
 // 16 storage elements to fp32, exact: the vector forms of quant_math.h's decode<F> (and of c10's
 // fp16/bf16 conversions), checked against them for every 8-bit code by the tests.
 KVC_INLINE vf16 bits16(vu16 b) {
