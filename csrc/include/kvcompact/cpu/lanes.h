@@ -199,6 +199,18 @@ KVC_INLINE void scale_inplace(float a, float* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] *= a;
 }
 
+// e^r for |r| <= ln2 / 2: a degree-6 polynomial, on a float or on 16 lanes (vf16).
+template <class T>
+KVC_INLINE T exp_reduced(T r) {
+  T p = T{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 // exp(x) for x <= 0 (softmax weights after subtracting the running max), to
 // ~2 ulp, branch-free so a lane loop over it vectorizes: x = n ln2 + r with
 // |r| <= ln2 / 2, a degree-6 polynomial for e^r, and 2^n built in the exponent
@@ -212,13 +224,7 @@ KVC_INLINE float exp_nonpositive(float x) {
   const float n = __builtin_floorf(xc * 1.44269504f + 0.5f);
   float r = xc - n * 0.693359375f;   // ln2 split in two for an exact first product
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const float p = exp_reduced(r);
   const int32_t ni = static_cast<int32_t>(n);
   const float two_n = fp32_from_bits(static_cast<uint32_t>(ni + 127) << 23);
   const float y = p * two_n;
@@ -236,13 +242,7 @@ KVC_INLINE vf16 exp16_nonpositive(vf16 x) {
   const vf16 n = (xc * 1.44269504f + shifter) - shifter;
   vf16 r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  vf16 p = splat16(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const vf16 p = exp_reduced(r);
   const vi16 biased = __builtin_convertvector(n, vi16) + 127;  // n in [-126, 0]: positive
   const vu16 two_n_bits = (vu16)biased << 23;  // a vector cast: the same bits
   const vf16 y = p * bits16(two_n_bits);
