@@ -53,7 +53,6 @@
 namespace kvcompact {
 namespace {
 
-
 constexpr int64_t kBlock = 32;          // KV rows per online-softmax step
 constexpr int64_t kMinSplitRows = 256;  // a split shorter than this costs more to merge than it saves
 
@@ -144,17 +143,6 @@ KVC_INLINE void load_row(const char* base, const float* scales, int64_t D, int64
 }
 
 template <bool V>
-KVC_INLINE float dot_row(const float* __restrict a, const float* __restrict b, int64_t D) {
-  if constexpr (V) {
-    cpu::vf16 acc = cpu::load16(a) * cpu::load16(b);
-    for (int64_t i = 16; i < D; i += 16) acc += cpu::load16(a + i) * cpu::load16(b + i);
-    return cpu::hsum16(acc);
-  } else {
-    return cpu::dot(a, b, D);
-  }
-}
-
-template <bool V>
 KVC_INLINE void axpy_row(float p, const float* __restrict x, float* __restrict y, int64_t D) {
   if constexpr (V) {
     const cpu::vf16 pv = cpu::splat16(p);
@@ -214,7 +202,7 @@ KVC_INLINE void block_scores(const float* __restrict q, const float* __restrict 
   } else {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = first + j;
-      out[j] = (t >= lo && t < hi) ? softcapped(dot_row<V>(q, kblk + j * D, D) * s.scale, s.softcap) : neg_inf;
+      out[j] = (t >= lo && t < hi) ? softcapped(cpu::dot(q, kblk + j * D, D) * s.scale, s.softcap) : neg_inf;
     }
   }
 }

@@ -1014,13 +1014,14 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& query
                                                           c10::optional<int64_t> query_start,
                                                           const c10::optional<at::Tensor>& tail_key,
                                                           const c10::optional<at::Tensor>& tail_value) {
+  if (!tail_key.has_value() && !tail_value.has_value()) {  // validated once, inside
+    return attend_stored_cuda(query_in, key_in, value_in, key_scales, value_scales, scale, softcap, window,
+                              query_start);
+  }
+  // The tail's checks, and query_start's default counted over stored + tail rows.
   const AttentionShape s = check_decode_attention("decode_attention", query_in, key_in, value_in, key_scales,
                                                   value_scales, scale, softcap, window, query_start, tail_key,
                                                   tail_value);
-  if (!tail_key.has_value()) {
-    return attend_stored_cuda(query_in, key_in, value_in, key_scales, value_scales, scale, softcap, window,
-                              s.query_start);
-  }
   const auto stored = attend_stored_cuda(query_in, key_in, value_in, key_scales, value_scales, scale, softcap,
                                          window, s.query_start);
   const auto tail = attend_stored_cuda(query_in, *tail_key, *tail_value, c10::nullopt, c10::nullopt, scale,
